@@ -1,0 +1,116 @@
+"""The unified cost model: every node's worth in expected TTFT seconds saved per block.
+
+    value(n) = reuse_rate(n) x miss_penalty(n) / blocks(n)
+
+reuse_rate is a visit count decayed with half-life H (recency and frequency in one number)
+plus a large boost for nodes that requests already waiting in the queue will need.
+miss_penalty is what the next visit pays if `n` is not where it is now:
+
+    leaving the device, KV      -> min(bytes / h2d bandwidth if the host keeps it,
+                                       prefill of its tokens after its prefix)
+    leaving the device, adapter -> bytes / h2d if the host keeps it, else a disk load
+    leaving the host, KV        -> prefill time - h2d time   (what the host copy saved)
+    leaving the host, adapter   -> disk load - h2d time
+
+Because every node decays at the same rate, `log(value)` at time t equals
+`log(freq at t_last) + t_last * ln2/H + log(penalty/blocks) - t * ln2/H`: the last term is
+shared by all nodes, so ordering by the rest is ordering by value at *any* time. The
+swapper can therefore keep nodes in heaps whose keys change only when the node itself is
+visited or moved, instead of re-scoring every node every tick.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastlibra.cache.pool import Tier
+from fastlibra.cache.tree import AdapterNode, KVNode, Node
+from fastlibra.config import CacheConfig
+
+DEMAND_RANK = 1.0e6
+"""Key offset per queued request needing a node: queued demand outranks any history."""
+
+
+class CostModel:
+    """Miss penalties from the hardware profile, and time-invariant ranking keys."""
+
+    def __init__(self, cfg: CacheConfig, host_keeps_kv: bool) -> None:
+        self.cfg = cfg
+        self.hw = cfg.hardware
+        self.host_keeps_kv = host_keeps_kv
+        self.rate = math.log(2) / cfg.decay_half_life_s
+
+    # -- statistics ---------------------------------------------------------------------
+    def visit(self, node: Node, now: float) -> None:
+        """One more use of `node` at `now`: decay the old count, add one."""
+        node.freq = node.freq * math.exp(-self.rate * max(0.0, now - node.t_last)) + 1.0
+        node.t_last = now
+
+    def inherit(self, node: Node, now: float) -> None:
+        """A new KV leaf starts with its share of its parent's visits, not with one.
+
+        Whoever reaches the leaf passes through its parent, so the parent's rate split
+        over its children is the best guess of the leaf's. With a count of one, the newest
+        turn of a conversation (the node the next turn needs) would rank below every
+        older, more visited node: the classic LFU failure on multi-turn chat.
+        """
+        parent = node.parent
+        assert parent is not None
+        share = self.reuse_rate(parent, now) / max(1, len(parent.children))
+        node.freq = max(1.0, share)
+        node.t_last = now
+
+    def reuse_rate(self, node: Node, now: float) -> float:
+        return node.freq * math.exp(-self.rate * max(0.0, now - node.t_last))
+
+    # -- penalties (seconds) ------------------------------------------------------------
+    def recompute_time(self, node: KVNode) -> float:
+        """Marginal prefill time of the node's tokens: the fixed launch cost is paid once
+        per request whatever it misses, so charging it per node would favour tiny nodes."""
+        return self.hw.prefill_time(len(node.tokens), node.prefix_len) - self.hw.prefill_base
+
+    def transfer_time(self, node: Node) -> float:
+        nbytes = node.nbytes if isinstance(node, AdapterNode) else \
+            node.num_blocks * self.cfg.block_bytes
+        return self.hw.h2d_time(nbytes)
+
+    def disk_time(self, node: AdapterNode) -> float:
+        return self.hw.disk_load_time(node.nbytes)
+
+    def worth_hosting(self, node: Node) -> bool:
+        """Is a host copy cheaper to bring back than rebuilding the node?"""
+        if isinstance(node, AdapterNode):
+            return True
+        return self.host_keeps_kv and self.transfer_time(node) < self.recompute_time(node)
+
+    def miss_penalty(self, node: Node, tier: Tier) -> float:
+        """Seconds the next visit loses if `node` leaves `tier`."""
+        if isinstance(node, AdapterNode):
+            if tier is Tier.DEVICE:
+                return self.transfer_time(node)
+            return max(0.0, self.disk_time(node) - self.transfer_time(node))
+        assert isinstance(node, KVNode)
+        recompute = self.recompute_time(node)
+        if tier is Tier.DEVICE:
+            if self.worth_hosting(node):
+                return self.transfer_time(node)
+            return recompute
+        return max(0.0, recompute - self.transfer_time(node))
+
+    def value(self, node: Node, tier: Tier, now: float) -> float:
+        """Expected TTFT seconds saved per block by keeping `node` in `tier` (for humans/tests)."""
+        rate = self.reuse_rate(node, now) + DEMAND_RANK * node.demand
+        return rate * self.miss_penalty(node, tier) / max(1, node.num_blocks)
+
+    # -- ranking ------------------------------------------------------------------------
+    def key(self, node: Node, tier: Tier) -> tuple[int, float]:
+        """Order-preserving, time-invariant form of `value` (lower = evict first)."""
+        penalty = self.miss_penalty(node, tier) / max(1, node.num_blocks)
+        if node.freq <= 0 or penalty <= 0:
+            return (node.demand, -math.inf)
+        return (node.demand, math.log(node.freq) + self.rate * node.t_last + math.log(penalty))
+
+
+def lru_key(node: Node, tier: Tier) -> tuple[int, float]:
+    """Least recently used first; the baselines' and the LRU ablation's ranking."""
+    return (0, node.t_last)

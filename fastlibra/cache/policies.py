@@ -1,0 +1,103 @@
+"""Cache policies side by side: what each system does with adapters and KV.
+
+A policy is a handful of traits plus a ranking key; the manager and swapper read the
+traits, so the core has no `if policy == ...` chains.
+
+| policy          | adapters                 | KV reuse | dependency | host tier     | ranking |
+|-----------------|--------------------------|----------|------------|---------------|---------|
+| fastlibra       | unified pool             | tree     | yes        | adapters + KV | cost    |
+| fastlibra-nodep | unified pool             | tree     | no         | adapters + KV | cost    |
+| fastlibra-lru   | unified pool             | tree     | yes        | adapters + KV | LRU     |
+| vllm            | static share, LRU slots  | prefix   | no         | adapters      | LRU     |
+| sglang          | static share, LRU        | radix    | no         | adapters      | LRU     |
+| slora           | unified pool, on demand  | none     | n/a        | adapters      | LRU     |
+
+vLLM reserves `max_loras` adapter slots up front (the paper configured 20 % of memory) and
+keeps a CPU LRU of adapters; its prefix cache hashes the adapter id into each block, and
+nothing frees a block because its adapter left: that KV stays until LRU reaches it.
+SGLang sizes a LoRA memory pool for `max_loras_per_batch` adapters (expressed here as the
+same device share, so the two differ only in KV handling) beside a per-adapter radix
+cache with LRU leaf eviction. S-LoRA pages adapters and KV in one unified pool but frees a
+request's KV when it ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from fastlibra.cache.cost import CostModel, lru_key
+from fastlibra.cache.pool import Tier
+from fastlibra.cache.tree import Node
+
+RankKey = Callable[[CostModel, Node, Tier], tuple[int, float]]
+
+
+def _cost_rank(cost: CostModel, node: Node, tier: Tier) -> tuple[int, float]:
+    return cost.key(node, tier)
+
+
+def _lru_rank(cost: CostModel, node: Node, tier: Tier) -> tuple[int, float]:
+    return lru_key(node, tier)
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    summary: str
+    rank: RankKey
+    """Lower key = evicted first, higher = prefetched first; changes only when a node does."""
+    dependency_aware: bool
+    """I1 across the adapter -> KV edge: an adapter leaves a tier only after its KV."""
+    reuse_kv: bool
+    """Keep a finished request's KV for later requests."""
+    host_kv: bool
+    """KV may be swapped out to the host tier instead of dropped."""
+    swapper: bool
+    """Run the watermark swapper between steps (proactive swap-out and prefetch)."""
+    adapter_share: float | None = None
+    """Static share of device blocks reserved for adapters; None = one unified pool."""
+    evict_blocks: bool = False
+    """Evict single blocks (a node's tail first) rather than whole nodes, as vLLM's free
+    block queue does; radix caches (SGLang) evict whole leaves."""
+
+    def __post_init__(self) -> None:
+        if self.adapter_share is not None and not 0 < self.adapter_share < 1:
+            raise ValueError(f"policy {self.name}: adapter_share must be in (0, 1)")
+
+
+POLICIES: dict[str, Policy] = {
+    p.name: p
+    for p in [
+        Policy("fastlibra", "unified pool, dependency tree, cost-model swapper",
+               _cost_rank, dependency_aware=True, reuse_kv=True, host_kv=True, swapper=True),
+        Policy("fastlibra-nodep", "fastlibra without the dependency rule (ablation)",
+               _cost_rank, dependency_aware=False, reuse_kv=True, host_kv=True, swapper=True),
+        Policy("fastlibra-lru", "fastlibra with LRU instead of the cost model (ablation)",
+               _lru_rank, dependency_aware=True, reuse_kv=True, host_kv=True, swapper=True),
+        Policy("vllm", "static adapter slots (20% share), CPU adapter LRU, prefix-cache LRU",
+               _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
+               adapter_share=0.2, evict_blocks=True),
+        Policy("sglang", "static LoRA pool, per-adapter radix cache with LRU leaf eviction",
+               _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
+               adapter_share=0.2),
+        Policy("slora", "unified pool, adapters on demand (LRU), no KV reuse across requests",
+               _lru_rank, dependency_aware=False, reuse_kv=False, host_kv=False, swapper=False),
+    ]
+}
+
+BASELINES = ("vllm", "slora", "sglang")
+ABLATIONS = ("fastlibra-nodep", "fastlibra-lru")
+
+
+def get_policy(name: str, adapter_share: float | None = None) -> Policy:
+    """Look a policy up by name; `adapter_share` overrides a static policy's share."""
+    try:
+        policy = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+    if adapter_share is not None:
+        if policy.adapter_share is None:
+            raise ValueError(f"policy {name!r} has one unified pool; adapter_share does not apply")
+        policy = replace(policy, adapter_share=adapter_share)
+    return policy

@@ -1,0 +1,188 @@
+"""The performance-driven swapper: chooses what leaves a tier and what comes back.
+
+Eviction candidates of a pool are its *leaves* (no resident children in that tier, or for
+a policy without the dependency rule, any adapter), never pinned. Prefetch candidates are
+host nodes whose parent is already on device. Both are kept in heaps ordered by the
+policy's time-invariant key (see `cost.py`), with lazy deletion: any change to a node
+bumps its version and pushes a fresh entry; stale entries are skipped when popped.
+
+Every byte that moves is described by a `Move` and handed to a `Mover`: the simulator
+charges copy time for it, the model runner copies real blocks, the demo counts bytes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+from fastlibra.cache.pool import BlockPool, Tier
+from fastlibra.cache.tree import AdapterNode, KVNode, Node
+
+if TYPE_CHECKING:
+    from fastlibra.cache.manager import CacheManager
+
+
+class MoveKind(Enum):
+    SWAP_OUT = "swap_out"  # device -> host
+    SWAP_IN = "swap_in"  # host -> device
+    LOAD = "load"  # adapter file -> device
+    LOAD_HOST = "load_host"  # adapter file -> host
+
+
+@dataclass(slots=True)
+class Move:
+    """One node's bytes copied between tiers. Source blocks are free once it completes."""
+
+    kind: MoveKind
+    node: Node
+    src_blocks: list[int]
+    dst_blocks: list[int]
+    nbytes: int
+
+
+class Mover(Protocol):
+    """Carries out moves. `submit` returns the time at which the copy will be done."""
+
+    def submit(self, move: Move, now: float) -> float: ...
+
+
+@dataclass
+class CountingMover:
+    """Moves nothing, counts bytes per direction: for the demo, tests and benchmarks."""
+
+    bytes_by_kind: dict[str, int] = field(default_factory=lambda: {k.value: 0 for k in MoveKind})
+    moves: int = 0
+
+    def submit(self, move: Move, now: float) -> float:
+        self.bytes_by_kind[move.kind.value] += move.nbytes
+        self.moves += 1
+        return now
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_kind.values())
+
+
+_TIER_ORDER = {Tier.DEVICE: 0, Tier.HOST: 1, Tier.DISK: 2}
+
+
+class Swapper:
+    """Ranks nodes and frees room; the manager calls `touch` whenever a node changes."""
+
+    def __init__(self, manager: CacheManager) -> None:
+        self.m = manager
+        self.policy = manager.policy
+        self._evict: dict[int, list] = {id(p): [] for p in manager.pools}
+        self._prefetch: list = []
+        self._seq = itertools.count()
+        self._versions = itertools.count(1)
+
+    # -- ranking ------------------------------------------------------------------------
+    def touch(self, node: Node) -> None:
+        """`node`'s key or candidacy may have changed: push fresh heap entries."""
+        if node.num_blocks == 0 or node.tier is Tier.DISK:
+            return
+        node.heap_version = v = next(self._versions)
+        key = self.policy.rank(self.m.cost, node, node.tier)
+        heap = self._evict[id(self.m.pool_for(node, node.tier))]
+        heapq.heappush(heap, (key, next(self._seq), v, node))
+        parent = node.parent
+        if (node.tier is Tier.HOST and self.policy.swapper and parent is not None
+                and parent.tier is Tier.DEVICE):
+            dkey = self.policy.rank(self.m.cost, node, Tier.DEVICE)
+            neg = (-dkey[0], -dkey[1])
+            heapq.heappush(self._prefetch, (neg, next(self._seq), v, node))
+        if len(heap) > 4 * self.m.num_nodes + 1024:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        for heap in self._evict.values():
+            heap[:] = [e for e in heap if e[2] == e[3].heap_version]
+            heapq.heapify(heap)
+        self._prefetch[:] = [e for e in self._prefetch if e[2] == e[3].heap_version]
+        heapq.heapify(self._prefetch)
+
+    def is_evictable(self, node: Node, pool: BlockPool) -> bool:
+        if node.pinned or node.tier is not pool.tier or self.m.pool_for(node, node.tier) is not pool:
+            return False
+        if isinstance(node, AdapterNode) and not self.policy.dependency_aware:
+            return True
+        # Leaf of this tier: nothing resident in this tier or a faster one hangs below.
+        return all(node.resident_children[t.value] == 0
+                   for t in Tier if _TIER_ORDER[t] <= _TIER_ORDER[pool.tier])
+
+    def _pop_victim(self, pool: BlockPool, below: tuple | None = None) -> Node | None:
+        heap = self._evict[id(pool)]
+        while heap:
+            key, _, version, node = heap[0]
+            if version != node.heap_version or not self.is_evictable(node, pool):
+                heapq.heappop(heap)
+                continue
+            if below is not None and key >= below:
+                return None
+            heapq.heappop(heap)
+            return node
+        return None
+
+    # -- freeing room -------------------------------------------------------------------
+    def make_room(self, pool: BlockPool, nblocks: int, now: float) -> bool:
+        """Evict from `pool` until `nblocks` are free. False if unpinned nodes ran out."""
+        while pool.num_free < nblocks:
+            victim = self._pop_victim(pool)
+            if victim is None:
+                return False
+            short = nblocks - pool.num_free
+            if self.policy.evict_blocks and isinstance(victim, KVNode) \
+                    and victim.num_blocks > short:
+                self.m.split(victim, victim.num_blocks - short)  # victim keeps the tail
+            self.evict(victim, now)
+        return True
+
+    def evict(self, node: Node, now: float) -> None:
+        """Move `node` one tier down: device -> host if worth it and room is found, else drop."""
+        m = self.m
+        if node.tier is Tier.DEVICE and m.host_accepts(node):
+            host = m.pool_for(node, Tier.HOST)
+            if host.num_free < node.num_blocks:
+                # Only host nodes worth less than this one make way for it, unless host
+                # nodes hang below it: dropping it would lose that whole subtree.
+                limit = None if node.children_in(Tier.HOST) else \
+                    self.policy.rank(m.cost, node, Tier.HOST)
+                while host.num_free < node.num_blocks:
+                    victim = self._pop_victim(host, below=limit)
+                    if victim is None:
+                        break
+                    m.drop(victim)
+            if host.num_free >= node.num_blocks:
+                m.move(node, Tier.HOST, now)
+                return
+        m.drop(node)
+
+    # -- between steps ------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Busy: swap out down to the high watermark. Idle: prefetch up to the low one."""
+        if not self.policy.swapper:
+            return
+        cfg = self.m.cfg.swapper
+        for pool in self.m.device_pools:
+            high = int(cfg.high_watermark * pool.capacity)
+            if pool.num_used > high:
+                self.make_room(pool, pool.capacity - high, now)
+        budget = cfg.max_prefetch_blocks
+        heap = self._prefetch
+        while heap and budget > 0:
+            _, _, version, node = heap[0]
+            parent = node.parent
+            if (version != node.heap_version or node.tier is not Tier.HOST
+                    or parent is None or parent.tier is not Tier.DEVICE):
+                heapq.heappop(heap)  # stale; re-pushed by `touch` when its parent arrives
+                continue
+            pool = self.m.pool_for(node, Tier.DEVICE)
+            if pool.num_used + node.num_blocks > int(cfg.low_watermark * pool.capacity):
+                break  # the most valuable candidate does not fit: leave the rest too
+            heapq.heappop(heap)
+            self.m.move(node, Tier.DEVICE, now)
+            budget -= node.num_blocks

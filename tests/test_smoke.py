@@ -1,0 +1,4 @@
+def test_import():
+    import fastlibra
+
+    assert fastlibra.__version__
