@@ -114,18 +114,21 @@ class Swapper:
         return all(node.resident_children[t.value] == 0
                    for t in Tier if _TIER_ORDER[t] <= _TIER_ORDER[pool.tier])
 
-    def _pop_victim(self, pool: BlockPool, below: tuple | None = None) -> Node | None:
+    def _peek_victim(self, pool: BlockPool) -> tuple | None:
+        """Key of the next victim of `pool`, dropping stale entries on the way."""
         heap = self._evict[id(pool)]
         while heap:
             key, _, version, node = heap[0]
-            if version != node.heap_version or not self.is_evictable(node, pool):
-                heapq.heappop(heap)
-                continue
-            if below is not None and key >= below:
-                return None
+            if version == node.heap_version and self.is_evictable(node, pool):
+                return key
             heapq.heappop(heap)
-            return node
         return None
+
+    def _pop_victim(self, pool: BlockPool, below: tuple | None = None) -> Node | None:
+        key = self._peek_victim(pool)
+        if key is None or (below is not None and key >= below):
+            return None
+        return heapq.heappop(self._evict[id(pool)])[3]
 
     # -- freeing room -------------------------------------------------------------------
     def make_room(self, pool: BlockPool, nblocks: int, now: float) -> bool:
@@ -174,7 +177,7 @@ class Swapper:
         budget = cfg.max_prefetch_blocks
         heap = self._prefetch
         while heap and budget > 0:
-            _, _, version, node = heap[0]
+            neg_key, _, version, node = heap[0]
             parent = node.parent
             if (version != node.heap_version or node.tier is not Tier.HOST
                     or parent is None or parent.tier is not Tier.DEVICE):
@@ -183,6 +186,9 @@ class Swapper:
             pool = self.m.pool_for(node, Tier.DEVICE)
             if pool.num_used + node.num_blocks > int(cfg.low_watermark * pool.capacity):
                 break  # the most valuable candidate does not fit: leave the rest too
+            floor = self._peek_victim(pool)
+            if floor is not None and (-neg_key[0], -neg_key[1]) <= floor:
+                break  # it would be the next thing evicted: moving it is churn, not gain
             heapq.heappop(heap)
             self.m.move(node, Tier.DEVICE, now)
             budget -= node.num_blocks
