@@ -1,0 +1,257 @@
+"""The cost model: each term (frequency, recency, miss penalty, queued demand) changes
+which node leaves the device, and the time-invariant key ranks nodes as `value` does."""
+
+import math
+from dataclasses import replace
+
+import pytest
+from conftest import BLOCK_BYTES, adapter_bytes, blocks, make_cfg, make_manager, run, tree
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastlibra.cache import Tier
+from fastlibra.cache.cost import CostModel, lru_key
+from fastlibra.cache.tree import AdapterNode, KVNode
+from fastlibra.config import HardwareProfile
+
+X, Y = blocks(1, 2), blocks(3, 4)
+
+
+def _two_leaves(policy="fastlibra", x_visits=(0.0,), y_visits=(1.0,), **kw):
+    """Adapter a (2 blocks) with two 2-block KV leaves X=[1][2] and Y=[3][4] on a device of 8:
+
+        a(0 1) ─┬─ X (2 3)   visited at x_visits
+                └─ Y (4 5)   visited at y_visits          free: 6 7
+    """
+    m = make_manager(policy, device_blocks=8, adapters={"a": 2}, **kw)
+    visits = sorted([(t, "x", X) for t in x_visits] + [(t, "y", Y) for t in y_visits])
+    seen = set()
+    for i, (t, name, prompt) in enumerate(visits):
+        run(m, f"{name}{i}", "a", prompt if name not in seen else prompt + (99,), now=t)
+        seen.add(name)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] DEVICE [4, 5]"]
+    return m
+
+
+def _pressure(m, now):
+    """A base-model request of 3 blocks: one 2-block leaf of `a` must leave the device."""
+    alloc = m.allocate("p", None, blocks(7, 8) + (1,), now=now)
+    m.check_invariants()
+    assert alloc is not None
+    return alloc
+
+
+# -- each term changes a decision ------------------------------------------------------------
+
+def test_frequency_the_more_visited_leaf_survives_where_lru_keeps_the_newer():
+    # X used three times at t=0, Y once at t=1; at t=2 one of them must go to host.
+    m = _two_leaves("fastlibra", x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
+    _pressure(m, now=2.0)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]  # Y went to host
+
+    m = _two_leaves("fastlibra-lru", x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
+    _pressure(m, now=2.0)
+    assert tree(m, "a") == ["[1][2] HOST [0, 1]", "[3][4] DEVICE [4, 5]"]  # X went to host
+
+
+def test_recency_decay_makes_an_old_frequent_leaf_lose_to_a_new_one():
+    # X used twice at t=0, Y once at t=100. With a 10 s half-life X's two visits are worth
+    # 2 / 2**10 now and X leaves; with an (almost) endless half-life X's 2 beat Y's 1.
+    m = _two_leaves(x_visits=(0.0, 0.0), y_visits=(100.0,), half_life=10.0)
+    _pressure(m, now=101.0)
+    assert tree(m, "a") == ["[1][2] HOST [0, 1]", "[3][4] DEVICE [4, 5]"]
+
+    m = _two_leaves(x_visits=(0.0, 0.0), y_visits=(100.0,), half_life=1e9)
+    _pressure(m, now=101.0)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]
+
+
+def test_kv_cheaper_to_recompute_than_to_copy_back_is_dropped_not_kept_on_host(recorder):
+    # PCIe at 100 B/s: bringing back 2 blocks (128 B) takes 1.28 s, recomputing 8 tokens
+    # takes 0.8 ms. The evicted leaf is dropped; nothing is copied to host.
+    slow = HardwareProfile(h2d_bandwidth=100.0, d2h_bandwidth=100.0)
+    m = _two_leaves(x_visits=(0.0, 0.0), y_visits=(1.0,), hardware=slow, mover=recorder)
+    recorder.take()
+    _pressure(m, now=2.0)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]"]
+    assert m.host_pool.num_free == 8
+    assert recorder.take() == [] and m.stats.drops == 1
+
+    # default PCIe (25 GB/s): the same leaf is worth keeping on host
+    m = _two_leaves(x_visits=(0.0, 0.0), y_visits=(1.0,), mover=recorder)
+    recorder.take()
+    _pressure(m, now=2.0)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]
+    assert recorder.take() == [("swap_out", "KV(a[0:8], HOST, ref=0)", [4, 5], [0, 1],
+                                2 * BLOCK_BYTES)]
+
+
+@pytest.mark.parametrize("hardware, dropped", [
+    # disk load of the adapter (5 ms parse) costs more than recomputing 4 tokens (0.4 ms)
+    (HardwareProfile(), "kv"),
+    # a free, instant disk but an expensive prefill: the adapter is the cheaper loss
+    (HardwareProfile(adapter_parse_s=0.0, disk_bandwidth=25e9, prefill_per_token=1.0), "adapter"),
+])
+def test_host_keeps_whichever_of_adapter_and_kv_costs_more_to_rebuild(hardware, dropped):
+    # host (3 blocks): adapter b (0 1) from a disk file, KV [1] of adapter a (2) — full.
+    m = make_manager(device_blocks=8, host_blocks=3, adapters={"a": 1, "b": 2},
+                     hardware=hardware)
+    run(m, "ra", "a", blocks(1), now=0.0)
+    run(m, "rb", "b", (7,), computed=(7,), now=0.0)  # loads b, caches no KV
+    kv = m.adapters["a"].children[blocks(1)]
+    m.move(m.adapters["b"], Tier.HOST, now=0.0)
+    m.move(kv, Tier.HOST, now=0.0)
+    m.check_invariants()
+    assert m.host_pool.num_free == 0
+
+    assert m.swapper.make_room(m.host_pool, 1, now=1.0)
+    m.check_invariants()
+    # kv dropped:      host = b (0 1), free 2
+    # adapter dropped: host = [1] (2), free 0 1; b is back to its file
+    outcome = {"kv": ([], Tier.HOST), "adapter": (["[1] HOST [2]"], Tier.DISK)}
+    assert (tree(m, "a"), m.adapters["b"].tier) == outcome[dropped]
+
+
+def test_queued_demand_protects_a_cold_leaf_until_the_request_leaves_the_queue():
+    # X used three times, Y once: without demand Y would leave (see the frequency test).
+    m = _two_leaves(x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
+    m.set_demand("a", Y + (99,), +1)  # a queued request will reuse Y
+    assert (m.adapters["a"].demand, m.adapters["a"].children[Y[:4]].demand) == (1, 1)
+    _pressure(m, now=2.0)
+    assert tree(m, "a") == ["[1][2] HOST [0, 1]", "[3][4] DEVICE [4, 5]"]  # X went instead
+
+    m = _two_leaves(x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
+    m.set_demand("a", Y + (99,), +1)
+    m.set_demand("a", Y + (99,), -1)  # it left the queue: no protection any more
+    m.set_demand("a", Y + (99,), -1)  # demand never goes below zero
+    assert m.adapters["a"].children[Y[:4]].demand == 0
+    _pressure(m, now=2.0)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]
+
+
+# -- the numbers behind the terms ------------------------------------------------------------
+
+def _kv(adapter, ntokens, prefix_len=0, freq=1.0, t_last=0.0, demand=0):
+    return KVNode(parent=adapter, num_blocks=ntokens // 4, tier=Tier.DEVICE, adapter=adapter,
+                  tokens=tuple(range(ntokens)), prefix_len=prefix_len, freq=freq,
+                  t_last=t_last, demand=demand)
+
+
+def test_visits_decay_by_half_per_half_life():
+    cost = CostModel(make_cfg(half_life=10.0), host_keeps_kv=True)
+    node = AdapterNode(parent=None, name="a")
+    cost.visit(node, now=0.0)
+    cost.visit(node, now=0.0)
+    assert cost.reuse_rate(node, 10.0) == pytest.approx(1.0)
+    assert cost.reuse_rate(node, 20.0) == pytest.approx(0.5)
+    cost.visit(node, now=20.0)
+    assert (node.freq, node.t_last) == (pytest.approx(1.5), 20.0)
+
+
+def test_a_new_leaf_inherits_its_share_of_the_parents_visits():
+    cost = CostModel(make_cfg(), host_keeps_kv=True)
+    a = AdapterNode(parent=None, name="a", freq=6.0, t_last=5.0)
+    leaf = _kv(a, 4)
+    a.children = {(0,): leaf, (1,): _kv(a, 4)}
+    cost.inherit(leaf, now=5.0)
+    assert (leaf.freq, leaf.t_last) == (3.0, 5.0)
+    a.freq = 1.0
+    cost.inherit(leaf, now=5.0)
+    assert leaf.freq == 1.0  # never less than the visit that created it
+
+
+def test_miss_penalties_in_seconds():
+    hw = HardwareProfile(h2d_bandwidth=64.0, disk_bandwidth=32.0, adapter_parse_s=1.0,
+                         prefill_base=0.5, prefill_per_token=0.25, prefill_per_token_pair=0.0)
+    a = AdapterNode(parent=None, name="a", num_blocks=2, nbytes=adapter_bytes(2))
+    kv = _kv(a, 8, prefix_len=4)  # 2 blocks = 128 bytes
+    cost = CostModel(make_cfg(hardware=hw), host_keeps_kv=True)
+    # copy back 128 B at 64 B/s = 2 s; recompute 8 tokens = 2 s (the 0.5 s launch cost is
+    # paid once per request, not per node): copying is not cheaper, so no host copy
+    assert (cost.transfer_time(kv), cost.recompute_time(kv)) == (2.0, 2.0)
+    assert not cost.worth_hosting(kv)
+    assert cost.miss_penalty(kv, Tier.DEVICE) == 2.0  # a recompute
+    assert cost.miss_penalty(kv, Tier.HOST) == 0.0  # a host copy saves nothing
+    # adapter: 2 s to copy back from host; 1 s parse + 4 s read from disk
+    assert cost.miss_penalty(a, Tier.DEVICE) == 2.0
+    assert cost.miss_penalty(a, Tier.HOST) == 5.0 - 2.0
+    assert cost.value(a, Tier.HOST, now=0.0) == 0.0  # never visited
+
+    # twice the PCIe bandwidth: a host copy (1 s) beats recomputing (2 s)
+    fast = CostModel(make_cfg(hardware=replace(hw, h2d_bandwidth=128.0)), host_keeps_kv=True)
+    assert fast.worth_hosting(kv)
+    assert fast.miss_penalty(kv, Tier.DEVICE) == 1.0
+    assert fast.miss_penalty(kv, Tier.HOST) == 2.0 - 1.0
+    # ... unless the policy keeps no KV on host: then leaving the device means a recompute
+    no_host = CostModel(make_cfg(hardware=replace(hw, h2d_bandwidth=128.0)), host_keeps_kv=False)
+    assert not no_host.worth_hosting(kv)
+    assert no_host.miss_penalty(kv, Tier.DEVICE) == 2.0
+
+
+def test_recompute_penalty_grows_with_the_prefix_a_node_attends_to():
+    hw = HardwareProfile(prefill_base=0.0, prefill_per_token=0.0, prefill_per_token_pair=1.0)
+    cost = CostModel(make_cfg(hardware=hw), host_keeps_kv=False)
+    a = AdapterNode(parent=None, name="a")
+    # 4 tokens after p cached ones: 4 * (p + 2) token pairs
+    assert cost.miss_penalty(_kv(a, 4, prefix_len=0), Tier.DEVICE) == 8.0
+    assert cost.miss_penalty(_kv(a, 4, prefix_len=100), Tier.DEVICE) == 408.0
+
+
+def test_lru_key_is_last_use_only():
+    a = AdapterNode(parent=None, name="a", freq=100.0, t_last=3.0, demand=5)
+    assert lru_key(a, Tier.DEVICE) == (0, 3.0)
+
+
+def test_demand_outranks_any_history_in_the_key():
+    cost = CostModel(make_cfg(), host_keeps_kv=True)
+    a = AdapterNode(parent=None, name="a")
+    hot = _kv(a, 4, freq=1e6, t_last=1e3)
+    queued = _kv(a, 4, freq=1.0, t_last=0.0, demand=1)
+    assert cost.key(queued, Tier.DEVICE) > cost.key(hot, Tier.DEVICE)
+
+
+# -- the time-invariant key ------------------------------------------------------------------
+
+_node = st.fixed_dictionaries({
+    "adapter": st.booleans(),
+    "blocks": st.integers(1, 6),
+    "prefix_blocks": st.integers(0, 20),
+    "freq": st.floats(0.01, 1e4),
+    "t_last": st.floats(0.0, 1000.0),
+})
+
+
+def _build(spec, root: AdapterNode):
+    if spec["adapter"]:
+        nbytes = spec["blocks"] * BLOCK_BYTES - 7
+        return AdapterNode(parent=None, name="x", num_blocks=spec["blocks"], nbytes=nbytes,
+                           freq=spec["freq"], t_last=spec["t_last"])
+    n = spec["blocks"] * 4
+    return KVNode(parent=root, num_blocks=spec["blocks"], adapter=root, tokens=tuple(range(n)),
+                  prefix_len=spec["prefix_blocks"] * 4, freq=spec["freq"], t_last=spec["t_last"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(specs=st.lists(_node, min_size=2, max_size=6),
+       tier=st.sampled_from([Tier.DEVICE, Tier.HOST]),
+       host_keeps_kv=st.booleans(),
+       later=st.lists(st.floats(0.0, 5000.0), min_size=3, max_size=3),
+       slow_pcie=st.booleans())
+def test_key_orders_nodes_as_value_does_at_any_later_time(specs, tier, host_keeps_kv, later,
+                                                          slow_pcie):
+    hw = HardwareProfile(h2d_bandwidth=1e3) if slow_pcie else HardwareProfile()
+    cost = CostModel(make_cfg(hardware=hw), host_keeps_kv=host_keeps_kv)
+    root = AdapterNode(parent=None, name="r")
+    nodes = [_build(s, root) for s in specs]
+    keys = [cost.key(n, tier) for n in nodes]
+    start = max(n.t_last for n in nodes)
+    for dt in later:
+        values = [cost.value(n, tier, start + dt) for n in nodes]
+        for i in range(len(nodes)):
+            for j in range(len(nodes)):
+                gap = keys[j][1] - keys[i][1]
+                # clearly ordered keys must give the same order of values (log-space gap
+                # above float noise); equal keys give equal values
+                assert not (gap > 1e-9 and values[i] >= values[j]), (nodes[i], nodes[j], dt)
+                assert not (keys[i] == keys[j] and
+                            not math.isclose(values[i], values[j], rel_tol=1e-9))
