@@ -2,8 +2,8 @@
 
     value(n) = reuse_rate(n) x miss_penalty(n) / blocks(n)
 
-reuse_rate is a visit count decayed with half-life H (recency and frequency in one number)
-plus a large boost for nodes that requests already waiting in the queue will need.
+reuse_rate is a visit count decayed with half-life H (recency and frequency in one number);
+nodes that requests already waiting in the queue will need rank above all others.
 miss_penalty is what the next visit pays if `n` is not where it is now:
 
     leaving the device, KV      -> min(bytes / h2d bandwidth if the host keeps it,
@@ -26,9 +26,6 @@ import math
 from fastlibra.cache.pool import Tier
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
 from fastlibra.config import CacheConfig
-
-DEMAND_RANK = 1.0e6
-"""Key offset per queued request needing a node: queued demand outranks any history."""
 
 
 class CostModel:
@@ -98,13 +95,15 @@ class CostModel:
         return max(0.0, recompute - self.transfer_time(node))
 
     def value(self, node: Node, tier: Tier, now: float) -> float:
-        """Expected TTFT seconds saved per block by keeping `node` in `tier` (for humans/tests)."""
-        rate = self.reuse_rate(node, now) + DEMAND_RANK * node.demand
-        return rate * self.miss_penalty(node, tier) / max(1, node.num_blocks)
+        """Expected TTFT seconds saved per block by keeping `node` in `tier`, from history.
+
+        Queued demand is not a term here: `key` ranks any node a waiting request needs
+        above every node none does, whatever their values."""
+        return self.reuse_rate(node, now) * self.miss_penalty(node, tier) / max(1, node.num_blocks)
 
     # -- ranking ------------------------------------------------------------------------
     def key(self, node: Node, tier: Tier) -> tuple[int, float]:
-        """Order-preserving, time-invariant form of `value` (lower = evict first)."""
+        """(queued demand, time-invariant log of `value`): lower = evict first."""
         penalty = self.miss_penalty(node, tier) / max(1, node.num_blocks)
         if node.freq <= 0 or penalty <= 0:
             return (node.demand, -math.inf)

@@ -125,6 +125,7 @@ class CacheManager:
         self.base = AdapterNode(parent=self.root, tier=Tier.DEVICE, name="")
         self.adapters: dict[str, AdapterNode] = {}
         self._retired: list[AdapterNode] = []
+        self._generations: dict[str, int] = {}
         self.num_nodes = 1
         self.running: dict[str, Allocation] = {}
 
@@ -148,8 +149,10 @@ class CacheManager:
                 f"{self.device_adapter_pool.name} pool holds {self.device_adapter_pool.capacity}; "
                 "give the device more memory or use a smaller rank")
         old = self.adapters.get(name)
+        generation = self._generations.get(name, -1) + 1
+        self._generations[name] = generation
         node = AdapterNode(parent=self.root, num_blocks=nblocks, name=name, nbytes=nbytes,
-                           generation=old.generation + 1 if old else 0)
+                           generation=generation)
         self.root.resident_children[Tier.DISK.value] += 1
         self.num_nodes += 1
         if old is not None:

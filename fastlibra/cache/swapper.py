@@ -34,7 +34,11 @@ class MoveKind(Enum):
 
 @dataclass(slots=True)
 class Move:
-    """One node's bytes copied between tiers. Source blocks are free once it completes."""
+    """One node's bytes copied between tiers.
+
+    The cache frees `src_blocks` in its books at once; a mover that copies real bytes must
+    finish the copy before compute writes into those blocks again (the model runner orders
+    its copy stream before the next step)."""
 
     kind: MoveKind
     node: Node
@@ -66,9 +70,6 @@ class CountingMover:
         return sum(self.bytes_by_kind.values())
 
 
-_TIER_ORDER = {Tier.DEVICE: 0, Tier.HOST: 1, Tier.DISK: 2}
-
-
 class Swapper:
     """Ranks nodes and frees room; the manager calls `touch` whenever a node changes."""
 
@@ -78,6 +79,7 @@ class Swapper:
         self._evict: dict[int, list] = {id(p): [] for p in manager.pools}
         self._prefetch: list = []
         self._seq = itertools.count()
+        self._compacted: dict[int, int] = {}
         self._versions = itertools.count(1)
 
     # -- ranking ------------------------------------------------------------------------
@@ -88,22 +90,21 @@ class Swapper:
         node.heap_version = v = next(self._versions)
         key = self.policy.rank(self.m.cost, node, node.tier)
         heap = self._evict[id(self.m.pool_for(node, node.tier))]
-        heapq.heappush(heap, (key, next(self._seq), v, node))
         parent = node.parent
         if (node.tier is Tier.HOST and self.policy.swapper and parent is not None
                 and parent.tier is Tier.DEVICE):
             dkey = self.policy.rank(self.m.cost, node, Tier.DEVICE)
             neg = (-dkey[0], -dkey[1])
-            heapq.heappush(self._prefetch, (neg, next(self._seq), v, node))
-        if len(heap) > 4 * self.m.num_nodes + 1024:
-            self._rebuild()
+            self._push(self._prefetch, (neg, next(self._seq), v, node))
+        self._push(heap, (key, next(self._seq), v, node))
 
-    def _rebuild(self) -> None:
-        for heap in self._evict.values():
+    def _push(self, heap: list, entry: tuple) -> None:
+        """Push, and compact the heap when stale entries have come to outnumber live ones."""
+        heapq.heappush(heap, entry)
+        if len(heap) > 2 * self._compacted.get(id(heap), 0) + 1024:
             heap[:] = [e for e in heap if e[2] == e[3].heap_version]
             heapq.heapify(heap)
-        self._prefetch[:] = [e for e in self._prefetch if e[2] == e[3].heap_version]
-        heapq.heapify(self._prefetch)
+            self._compacted[id(heap)] = len(heap)
 
     def is_evictable(self, node: Node, pool: BlockPool) -> bool:
         if node.pinned or node.tier is not pool.tier or self.m.pool_for(node, node.tier) is not pool:
@@ -111,8 +112,8 @@ class Swapper:
         if isinstance(node, AdapterNode) and not self.policy.dependency_aware:
             return True
         # Leaf of this tier: nothing resident in this tier or a faster one hangs below.
-        return all(node.resident_children[t.value] == 0
-                   for t in Tier if _TIER_ORDER[t] <= _TIER_ORDER[pool.tier])
+        below = node.resident_children
+        return below[0] == 0 and (pool.tier is Tier.DEVICE or below[1] == 0)
 
     def _peek_victim(self, pool: BlockPool) -> tuple | None:
         """Key of the next victim of `pool`, dropping stale entries on the way."""
@@ -154,15 +155,29 @@ class Swapper:
                 # nodes hang below it: dropping it would lose that whole subtree.
                 limit = None if node.children_in(Tier.HOST) else \
                     self.policy.rank(m.cost, node, Tier.HOST)
-                while host.num_free < node.num_blocks:
-                    victim = self._pop_victim(host, below=limit)
-                    if victim is None:
-                        break
-                    m.drop(victim)
+                self._clear_host_room(host, node.num_blocks - host.num_free, limit)
             if host.num_free >= node.num_blocks:
                 m.move(node, Tier.HOST, now)
                 return
         m.drop(node)
+
+    def _clear_host_room(self, host: BlockPool, nblocks: int, limit: tuple | None) -> None:
+        """Drop host leaves ranked below `limit` for `nblocks`, or none if they are too few:
+        host nodes are never lost for a victim that cannot get in anyway."""
+        chosen: list[Node] = []
+        found = 0
+        while found < nblocks:
+            victim = self._pop_victim(host, below=limit)
+            if victim is None:
+                break
+            chosen.append(victim)
+            found += victim.num_blocks
+        if found < nblocks:
+            for victim in chosen:
+                self.touch(victim)
+            return
+        for victim in chosen:
+            self.m.drop(victim)
 
     # -- between steps ------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -189,6 +204,8 @@ class Swapper:
             floor = self._peek_victim(pool)
             if floor is not None and (-neg_key[0], -neg_key[1]) <= floor:
                 break  # it would be the next thing evicted: moving it is churn, not gain
+            if node.num_blocks > budget:
+                break
             heapq.heappop(heap)
             self.m.move(node, Tier.DEVICE, now)
             budget -= node.num_blocks

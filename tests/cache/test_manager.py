@@ -241,6 +241,16 @@ def test_reregistering_a_name_makes_a_new_generation_and_frees_the_old_kv():
     m.check_invariants()
 
 
+def test_generations_never_repeat_after_unregister_while_the_old_one_still_runs():
+    m = make_manager(adapters={"a": 2})
+    old_alloc = m.allocate("r1", "a", blocks(1, 2), now=0.0)
+    m.unregister_adapter("a")
+    new = m.register_adapter("a", adapter_bytes(2))
+    assert (old_alloc.adapter.generation, new.generation) == (0, 1)
+    m.free(old_alloc, now=1.0)
+    m.check_invariants()
+
+
 def test_old_generation_in_use_is_freed_when_its_last_request_ends(recorder):
     m = make_manager(adapters={"a": 2}, mover=recorder)
     run(m, "r0", "a", blocks(1, 2))

@@ -1,7 +1,6 @@
 """The swapper: watermarks, leaves-first swap-out, root-first prefetch, and every byte
 handed to the Mover."""
 
-import pytest
 from conftest import (
     BLOCK_BYTES,
     RecordingMover,
@@ -149,6 +148,15 @@ def test_prefetch_moves_at_most_max_prefetch_blocks_per_tick(recorder):
     assert [mv.node for mv in recorder.take_log()] == [n["Q"]]
 
 
+def test_prefetch_budget_is_never_exceeded_by_a_large_node(recorder):
+    # budget 2: Q (1 block) fits, then P (3 blocks) would overshoot the bound: it waits
+    m, n = _host_chain(recorder, low=0.9, max_prefetch_blocks=2)
+    m.tick(now=1.0)
+    m.check_invariants()
+    assert [mv.node for mv in recorder.take_log()] == [n["Q"]]
+    assert n["P"].tier is Tier.HOST
+
+
 # -- a device victim meets a full host -------------------------------------------------------
 
 def _full_host(recorder, z_visits):
@@ -247,8 +255,6 @@ def test_counting_mover_counts_bytes_per_direction():
     assert m.stats.bytes_moved == mover.bytes_by_kind
 
 
-@pytest.mark.xfail(strict=True, reason="Swapper.evict drops colder host nodes before it knows "
-                   "the room they free is enough; when it is not, the victim is dropped too")
 def test_host_nodes_are_not_dropped_for_a_victim_that_cannot_get_in_anyway(recorder):
     # host (3): H1=[1] (0) value 1, H2=[2][3] (1 2) value 100; device victim V=[4][5][6]
     # value 10 needs 3 host blocks: only H1 is worth less, and H1 alone frees 1 block.
