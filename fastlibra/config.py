@@ -191,3 +191,20 @@ class CacheConfig:
 
     def blocks_for_tokens(self, ntokens: int) -> int:
         return -(-ntokens // self.block_size)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits, the same for every runner."""
+
+    max_num_seqs: int = 256
+    """Running requests at most (decode batch size)."""
+    max_batched_tokens: int = 8192
+    """Tokens computed per step (decode tokens + prefill chunk tokens)."""
+    chunked_prefill: bool = True
+    """Split long prompts over steps so decodes keep flowing; False = whole prompts only."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs > 0, "SchedulerConfig.max_num_seqs must be positive")
+        _require(self.max_batched_tokens > 0,
+                 "SchedulerConfig.max_batched_tokens must be positive")

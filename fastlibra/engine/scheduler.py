@@ -1,0 +1,173 @@
+"""Continuous batching: which requests compute how many tokens in the next step.
+
+One step = decode one token for every running request past its prompt, plus prefill
+chunks for admitted requests, within a token budget. Admission is first come, first
+served and stops at the first request the cache cannot place (no overtaking, as in
+vLLM). When a running request cannot grow, the most recently admitted one is preempted:
+its blocks return to the cache (its finished blocks stay cached, so recomputing it is
+mostly a hit) and it goes back to the head of the queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from fastlibra.cache import Allocation, CacheManager, RequestTooLarge
+from fastlibra.config import SchedulerConfig
+from fastlibra.engine.request import Request, RequestState
+
+
+@dataclass(slots=True)
+class PrefillItem:
+    request: Request
+    num_tokens: int
+    """Prompt tokens computed this step."""
+    prefix_len: int
+    """Prompt tokens whose KV already exists (cached or earlier chunks)."""
+
+
+@dataclass
+class Batch:
+    """One step of work for a runner."""
+
+    prefills: list[PrefillItem] = field(default_factory=list)
+    decodes: list[Request] = field(default_factory=list)
+    num_steps: int = 1
+    """Decode steps fused into this one (simulator only; always 1 with prefills)."""
+
+    @property
+    def adapters(self) -> set[str | None]:
+        return {p.request.adapter for p in self.prefills} | {r.adapter for r in self.decodes}
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(p.num_tokens for p in self.prefills) + len(self.decodes)
+
+    def __bool__(self) -> bool:
+        return bool(self.prefills or self.decodes)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, cache: CacheManager) -> None:
+        self.cfg = cfg
+        self.cache = cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        """Admitted requests in admission order (the last is preempted first)."""
+        self.allocs: dict[str, Allocation] = {}
+        self.rejected: list[Request] = []
+
+    def add(self, req: Request, now: float) -> None:
+        """An arrival joins the queue; the nodes it will need gain queued demand."""
+        req.state = RequestState.WAITING
+        self.waiting.append(req)
+        self.cache.set_demand(req.adapter, req.prompt, +1)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- building a step ----------------------------------------------------------------
+    def schedule(self, now: float) -> Batch:
+        """Decodes first (every running request past its prompt gets a token), then prefill
+        chunks in admission order, then admissions, all within the token budget."""
+        batch = Batch()
+        budget = self.cfg.max_batched_tokens
+        for req in list(self.running):
+            if req.state is RequestState.RUNNING and self._pending(req) == 1 \
+                    and req.t_first_token is not None:
+                if self._grow(req, req.num_computed + 1, now):
+                    batch.decodes.append(req)
+                    budget -= 1
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.t_first_token is None or self._pending(req) > 1:
+                budget -= self._add_prefill(batch, req, budget, now)
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
+            req = self.waiting[0]
+            if not self._admit(req, now):
+                break
+            if req.state is RequestState.RUNNING:
+                budget -= self._add_prefill(batch, req, budget, now)
+        return batch
+
+    @staticmethod
+    def _pending(req: Request) -> int:
+        """Context tokens (prompt + generated) whose KV is not computed yet."""
+        return len(req.prompt) + len(req.generated) - req.num_computed
+
+    def _add_prefill(self, batch: Batch, req: Request, budget: int, now: float) -> int:
+        if self.allocs[req.request_id].ready_at > now:
+            return 0  # its adapter or cached prefix is still being copied in
+        n = self._chunk(self._pending(req), budget)
+        if n:
+            batch.prefills.append(PrefillItem(req, n, req.num_computed))
+        return n
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        if self.cfg.chunked_prefill:
+            return min(remaining, budget)
+        return remaining if remaining <= budget or budget == self.cfg.max_batched_tokens else 0
+
+    def _admit(self, req: Request, now: float) -> bool:
+        try:
+            alloc = self.cache.allocate(req.request_id, req.adapter, req.all_tokens, now,
+                                        reserve_tokens=1)
+        except RequestTooLarge as e:
+            self.waiting.popleft()
+            self.cache.set_demand(req.adapter, req.prompt, -1)
+            req.state, req.reject_reason = RequestState.REJECTED, str(e)
+            self.rejected.append(req)
+            return True
+        if alloc is None:
+            return False
+        self.waiting.popleft()
+        self.cache.set_demand(req.adapter, req.prompt, -1)
+        self.allocs[req.request_id] = alloc
+        self.running.append(req)
+        req.state = RequestState.RUNNING
+        req.num_computed = alloc.cached_tokens
+        req.cached_tokens = alloc.cached_tokens
+        if req.t_scheduled is None:
+            req.t_scheduled = now
+            req.t_queue = now - req.arrival
+            adapter_wait = max(0.0, alloc.adapter.ready_at - now)
+            req.t_adapter_wait = adapter_wait
+            req.t_kv_wait = max(0.0, alloc.ready_at - now - adapter_wait)
+        return True
+
+    def _grow(self, req: Request, num_tokens: int, now: float) -> bool:
+        """Room for `num_tokens` of KV for `req`, preempting later admissions if needed."""
+        while not self.cache.append(self.allocs[req.request_id], num_tokens, now):
+            victim = self.running[-1]
+            self.preempt(victim, now)
+            if victim is req:
+                return False
+        return True
+
+    def preempt(self, req: Request, now: float) -> None:
+        """Give `req`'s blocks back (what it computed stays cached, so recomputing it is
+        mostly a hit) and requeue it first; it resumes from prompt + generated tokens."""
+        alloc = self.allocs.pop(req.request_id)
+        self.cache.free(alloc, req.all_tokens[:req.num_computed], now)
+        self.running.remove(req)
+        req.num_preemptions += 1
+        req.num_computed = 0
+        req.state = RequestState.WAITING
+        self.waiting.appendleft(req)
+        self.cache.set_demand(req.adapter, req.prompt, +1)
+
+    # -- after a step -------------------------------------------------------------------
+    def finish(self, req: Request, now: float) -> None:
+        alloc = self.allocs.pop(req.request_id)
+        self.cache.free(alloc, req.all_tokens[:req.num_computed], now)
+        self.running.remove(req)
+        req.state = RequestState.FINISHED
+        req.t_finish = now
+
+    def next_ready(self, now: float) -> float | None:
+        """Earliest time an admitted request waiting on copies becomes ready."""
+        times = [a.ready_at for a in self.allocs.values() if a.ready_at > now]
+        return min(times) if times else None

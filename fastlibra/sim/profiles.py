@@ -1,0 +1,167 @@
+"""Model shapes and GPU data sheets, and the step-time model built from them.
+
+A step that computes `T` tokens (prefill chunks and one token per decoding request)
+costs the larger of its compute time and its memory time, plus LoRA, tensor-parallel
+communication and a fixed per-step overhead:
+
+    compute = (2 * params * T + attention FLOPs) / (tp * peak FLOP/s * MFU)
+    memory  = (weights + KV read) / (tp * HBM bandwidth)
+    lora    = per distinct adapter: its weights read once + a kernel launch
+    comm    = 2 all-reduces per layer over NVLink when tp > 1
+
+Prefill attention grows with the prefix (each new token attends to everything before
+it); decode memory grows with batch and context (each step reads every KV).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastlibra.config import ConfigError, HardwareProfile, LoraShape, ModelShape
+
+GiB = 1 << 30
+
+MODELS: dict[str, ModelShape] = {
+    m.name: m
+    for m in [
+        ModelShape("llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32,
+                   num_kv_heads=32, intermediate_size=11008, num_params=6_738_000_000),
+        ModelShape("llama-3-8b", num_layers=32, hidden_size=4096, num_heads=32,
+                   num_kv_heads=8, intermediate_size=14336, num_params=8_030_000_000),
+        ModelShape("llama-2-13b", num_layers=40, hidden_size=5120, num_heads=40,
+                   num_kv_heads=40, intermediate_size=13824, num_params=13_016_000_000),
+        ModelShape("codellama-34b", num_layers=48, hidden_size=8192, num_heads=64,
+                   num_kv_heads=8, intermediate_size=22016, num_params=33_744_000_000),
+        ModelShape("llama-3-70b", num_layers=80, hidden_size=8192, num_heads=64,
+                   num_kv_heads=8, intermediate_size=28672, num_params=70_554_000_000),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Data-sheet numbers (dense BF16) and the links around one GPU."""
+
+    name: str
+    hbm_bytes: int
+    flops: float
+    hbm_bandwidth: float
+    pcie_bandwidth: float
+    """Effective host<->device copy bandwidth per GPU, bytes/s (pinned memory)."""
+    nvlink_bandwidth: float
+    disk_bandwidth: float = 2.0e9
+    mfu: float = 0.6
+    """Fraction of peak FLOP/s reached by large GEMMs."""
+    mbu: float = 0.8
+    """Fraction of peak HBM bandwidth reached by streaming reads."""
+
+
+GPUS: dict[str, GpuSpec] = {
+    g.name: g
+    for g in [
+        GpuSpec("a100-80g", 80 * 10**9, 312e12, 2.039e12, 25e9, 300e9),
+        GpuSpec("h100-80g", 80 * 10**9, 989e12, 3.35e12, 50e9, 450e9),
+        GpuSpec("h800-80g", 80 * 10**9, 989e12, 3.35e12, 50e9, 200e9),
+        GpuSpec("h200-141g", 141 * 10**9, 989e12, 4.8e12, 50e9, 450e9),
+    ]
+}
+
+STEP_OVERHEAD_S = 1.5e-3
+"""Scheduling, sampling and launch overhead of one engine step."""
+PER_SEQ_OVERHEAD_S = 8e-6
+LORA_LAUNCH_S = 20e-6
+"""Extra kernel launches per distinct adapter in a batch (SGMV segment setup)."""
+ALLREDUCE_LATENCY_S = 8e-6
+ACTIVATION_RESERVE = 0.08
+"""Share of HBM kept for activations, CUDA graphs and fragmentation."""
+
+
+def lookup(table: dict, name: str, what: str):
+    try:
+        return table[name]
+    except KeyError:
+        raise ConfigError(f"unknown {what} {name!r}; choose from {', '.join(table)}") from None
+
+
+@dataclass(frozen=True)
+class SimProfile:
+    """One model served on `tp` GPUs of one kind."""
+
+    model: ModelShape
+    gpu: GpuSpec
+    tp: int = 1
+    lora: LoraShape = LoraShape(rank=32)
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ConfigError("--tp must be >= 1")
+        if self.model.num_kv_heads % self.tp and self.tp % self.model.num_kv_heads:
+            raise ConfigError(f"--tp {self.tp} does not divide {self.model.name}'s "
+                              f"{self.model.num_kv_heads} KV heads")
+        if self.free_hbm_bytes() <= 0:
+            raise ConfigError(f"{self.model.name} does not fit on {self.tp} x {self.gpu.name}; "
+                              "raise --tp")
+
+    @classmethod
+    def named(cls, model: str, hardware: str, tp: int = 1, lora_rank: int = 32) -> SimProfile:
+        return cls(lookup(MODELS, model, "model"), lookup(GPUS, hardware, "hardware"), tp,
+                   LoraShape(rank=lora_rank))
+
+    # -- memory -------------------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        return self.model.num_params * self.model.dtype_bytes
+
+    def free_hbm_bytes(self) -> int:
+        """HBM left for the unified pool: all GPUs minus weights minus reserve."""
+        total = self.gpu.hbm_bytes * self.tp
+        return int(total * (1 - ACTIVATION_RESERVE) - self.weight_bytes)
+
+    # -- time ---------------------------------------------------------------------------
+    def step_time(self, prefills: list[tuple[int, int]], decode_ctx_sum: int, num_decodes: int,
+                  num_adapters: int) -> float:
+        """Seconds for one step: `prefills` = (new tokens, prefix tokens) per chunk,
+        decode context summed over decoding requests, distinct LoRA adapters in the batch."""
+        m, g, tp = self.model, self.gpu, self.tp
+        tokens = sum(n for n, _ in prefills) + num_decodes
+        if tokens == 0:
+            return 0.0
+        width = m.num_heads * m.head_dim
+        attn_flops = sum(4 * m.num_layers * width * n * (p + n / 2) for n, p in prefills)
+        attn_flops += 4 * m.num_layers * width * decode_ctx_sum
+        compute = (2 * m.num_params * tokens + attn_flops) / (tp * g.flops * g.mfu)
+        kv_read = (decode_ctx_sum + sum(p + n for n, p in prefills)) * m.kv_bytes_per_token
+        memory = (self.weight_bytes + kv_read) / (tp * g.hbm_bandwidth * g.mbu)
+        lora = 0.0
+        if num_adapters:
+            lora_bytes = self.lora.nbytes(m)
+            lora_flops = 2 * tokens * lora_bytes / m.dtype_bytes
+            lora = num_adapters * (LORA_LAUNCH_S + lora_bytes / (tp * g.hbm_bandwidth * g.mbu))
+            lora += lora_flops / (tp * g.flops * g.mfu)
+        comm = 0.0
+        if tp > 1:
+            msg = tokens * m.hidden_size * m.dtype_bytes
+            comm = 2 * m.num_layers * (ALLREDUCE_LATENCY_S
+                                       + 2 * (tp - 1) / tp * msg / g.nvlink_bandwidth)
+        overhead = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * (len(prefills) + num_decodes)
+        return max(compute, memory) + lora + comm + overhead
+
+    def prefill_time(self, new_tokens: int, prefix: int = 0) -> float:
+        return self.step_time([(new_tokens, prefix)], 0, 0, 0)
+
+    def hardware_profile(self) -> HardwareProfile:
+        """The cost model's view of this setup, fitted to `step_time` so that both agree.
+
+        Copies use every GPU's PCIe link in parallel (each holds 1/tp of a block)."""
+        m, g, tp = self.model, self.gpu, self.tp
+        base = self.prefill_time(1)
+        n1, n2 = 512, 2048
+        per_token = (self.prefill_time(n2) - self.prefill_time(n1)) / (n2 - n1)
+        width = m.num_heads * m.head_dim
+        pair = 4 * m.num_layers * width / (tp * g.flops * g.mfu)
+        return HardwareProfile(
+            name=f"{g.name}x{tp}", h2d_bandwidth=g.pcie_bandwidth * tp,
+            d2h_bandwidth=g.pcie_bandwidth * tp, disk_bandwidth=g.disk_bandwidth,
+            adapter_parse_s=0.005, prefill_base=base,
+            prefill_per_token=max(0.0, per_token - pair * (n1 + n2) / 2),
+            prefill_per_token_pair=pair)

@@ -1,0 +1,74 @@
+"""The simulated runner and copy engine: time instead of tensors.
+
+`SimRunner.execute` returns the step time of `SimProfile.step_time` and the scripted
+output tokens. `SimMover` keeps three copy queues that overlap with compute, like CUDA
+copy engines beside the compute stream: host->device, device->host, and disk reads.
+A copy starts when its queue is free; a request waits only for the copies it needs
+(`Allocation.ready_at`).
+"""
+
+from __future__ import annotations
+
+from fastlibra.cache import Move, MoveKind
+from fastlibra.engine.engine import StepOutput
+from fastlibra.engine.scheduler import Batch
+from fastlibra.sim.profiles import SimProfile
+
+
+class SimMover:
+    def __init__(self, profile: SimProfile) -> None:
+        hw = profile.hardware_profile()
+        self.hw = hw
+        self.busy_until = {"h2d": 0.0, "d2h": 0.0, "disk": 0.0}
+        self.bytes = {"h2d": 0, "d2h": 0, "disk": 0}
+
+    def submit(self, move: Move, now: float) -> float:
+        if move.kind is MoveKind.SWAP_OUT:
+            queue, seconds = "d2h", move.nbytes / self.hw.d2h_bandwidth
+        elif move.kind is MoveKind.SWAP_IN:
+            queue, seconds = "h2d", self.hw.h2d_time(move.nbytes)
+        else:
+            queue, seconds = "disk", self.hw.disk_load_time(move.nbytes)
+        start = max(now, self.busy_until[queue])
+        self.busy_until[queue] = start + seconds
+        self.bytes[queue] += move.nbytes
+        return start + seconds
+
+
+class SimRunner:
+    """Charges `SimProfile.step_time`; emits each request's scripted output tokens."""
+
+    max_fused_steps = 64
+
+    def __init__(self, profile: SimProfile) -> None:
+        self.profile = profile
+
+    def _time(self, batch: Batch, extra_ctx: int = 0) -> float:
+        prefills = [(p.num_tokens, p.prefix_len) for p in batch.prefills]
+        ctx = sum(r.num_computed for r in batch.decodes) + extra_ctx * len(batch.decodes)
+        adapters = sum(1 for a in batch.adapters if a)
+        return self.profile.step_time(prefills, ctx, len(batch.decodes), adapters)
+
+    def step_estimate(self, batch: Batch) -> float:
+        return self._time(batch)
+
+    def execute(self, batch: Batch, now: float) -> StepOutput:
+        k = batch.num_steps
+        # Step time is affine in context within a regime: average the first and last step.
+        duration = self._time(batch) if k == 1 else \
+            k * (self._time(batch) + self._time(batch, k - 1)) / 2
+        tokens: dict[str, list[int]] = {}
+        for p in batch.prefills:
+            r = p.request
+            if p.prefix_len + p.num_tokens >= len(r.prompt) + len(r.generated):
+                tokens[r.request_id] = _script(r, 1)
+        for r in batch.decodes:
+            tokens[r.request_id] = _script(r, k)
+        return StepOutput(duration, tokens)
+
+
+def _script(req, k: int) -> list[int]:
+    start = len(req.generated)
+    if req.output is not None:
+        return req.output[start:start + k]
+    return [0] * k

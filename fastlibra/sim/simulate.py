@@ -1,0 +1,108 @@
+"""Run one workload through the engine on the simulated runner, once per policy.
+
+Every policy sees the same requests (regenerated from the seed), the same scheduler, the
+same step-time model and the same memory budget; only the cache policy differs.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+from tqdm import tqdm
+
+from fastlibra.cache import CacheManager, get_policy
+from fastlibra.config import CacheConfig, ConfigError, SchedulerConfig
+from fastlibra.engine.engine import Engine
+from fastlibra.engine.metrics import Timeline, summarize
+from fastlibra.engine.request import Request
+from fastlibra.sim.profiles import GiB, SimProfile
+from fastlibra.sim.runner import SimMover, SimRunner
+
+
+@dataclass(frozen=True)
+class SimSetup:
+    """Hardware, memory and scheduler settings shared by every policy of a run."""
+
+    profile: SimProfile
+    device_memory: int | None = None
+    """Bytes for the unified device pool; None = HBM minus weights and activations."""
+    host_memory: int = 256 * GiB
+    block_size: int = 16
+    scheduler: SchedulerConfig = SchedulerConfig()
+    adapter_share: float | None = None
+    """Override of the static adapter share of `vllm`/`sglang` (vllm-oracle sweeps it)."""
+    decay_half_life_s: float = 60.0
+
+    def cache_config(self) -> CacheConfig:
+        device = self.profile.free_hbm_bytes() if self.device_memory is None else self.device_memory
+        block_bytes = self.block_size * self.profile.model.kv_bytes_per_token
+        if device < block_bytes:
+            raise ConfigError(f"device memory of {device} bytes holds no {block_bytes}-byte block")
+        return CacheConfig(model=self.profile.model, block_size=self.block_size,
+                           device_blocks=device // block_bytes,
+                           host_blocks=self.host_memory // block_bytes,
+                           hardware=self.profile.hardware_profile(),
+                           decay_half_life_s=self.decay_half_life_s)
+
+
+def adapter_names(requests: list[Request]) -> list[str]:
+    """Every adapter any request or follow-up turn uses, in first-use order."""
+    seen: dict[str, None] = {}
+    for r in requests:
+        turn: Request | None = r
+        while turn is not None:
+            if turn.adapter:
+                seen.setdefault(turn.adapter)
+            turn = turn.next_turn
+    return list(seen)
+
+
+def count_requests(requests: list[Request]) -> int:
+    n = 0
+    for r in requests:
+        turn: Request | None = r
+        while turn is not None:
+            n += 1
+            turn = turn.next_turn
+    return n
+
+
+def simulate(policy: str, requests: list[Request], setup: SimSetup,
+             progress: tqdm | None = None, timeline_interval_s: float = 1.0) -> dict:
+    """One policy over (a deep copy of) `requests`; returns the summary plus the timeline."""
+    requests = copy.deepcopy(requests)
+    share = setup.adapter_share if get_policy(policy).adapter_share is not None else None
+    cache = CacheManager(setup.cache_config(), get_policy(policy, share),
+                         SimMover(setup.profile))
+    adapter_bytes = setup.profile.lora.nbytes(setup.profile.model)
+    for name in adapter_names(requests):
+        cache.register_adapter(name, adapter_bytes)
+    runner = SimRunner(setup.profile)
+    timeline = Timeline(min_interval_s=timeline_interval_s)
+    last_done = [0]
+
+    def observe(engine: Engine) -> None:
+        timeline.observe(engine.cache, engine.now)
+        if progress is not None:
+            n = len(engine.finished) + len(engine.scheduler.rejected)
+            progress.update(n - last_done[0])
+            last_done[0] = n
+
+    engine = Engine(setup.scheduler, cache, runner, observer=observe)
+    for r in requests:
+        engine.add_request(r)
+    start = min((r.arrival for r in requests), default=0.0)
+    engine.now = start
+    finished = engine.run()
+    result = summarize(finished, engine.scheduler.rejected, cache, timeline, engine.now - start)
+    result["rejections"] = sorted({r.reject_reason for r in engine.scheduler.rejected
+                                   if r.reject_reason})[:5]
+    result["timeline"] = {"t": timeline.times, **timeline.composition}
+    result["ttfts"] = sorted(r.ttft for r in finished if r.ttft is not None)
+    return result
+
+
+def with_unlimited_memory(setup: SimSetup) -> SimSetup:
+    """The lower bound: a device pool large enough that nothing is ever evicted."""
+    return replace(setup, device_memory=64 * 1024 * GiB)
