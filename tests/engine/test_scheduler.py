@@ -1,0 +1,93 @@
+"""Continuous batching on the simulated runner: chunked prefill, preemption, copy waits."""
+
+from fastlibra.cache import CacheManager, get_policy
+from fastlibra.config import SchedulerConfig
+from fastlibra.engine.engine import Engine
+from fastlibra.engine.request import Request, RequestState
+from fastlibra.sim.profiles import SimProfile
+from fastlibra.sim.runner import SimMover, SimRunner
+from fastlibra.sim.simulate import SimSetup
+
+PROFILE = SimProfile.named("llama-2-7b", "a100-80g")
+BLOCK = 16 * PROFILE.model.kv_bytes_per_token
+
+
+def make_engine(device_blocks, policy="fastlibra", **sched):
+    setup = SimSetup(PROFILE, device_memory=device_blocks * BLOCK, host_memory=64 * BLOCK,
+                     scheduler=SchedulerConfig(**sched))
+    cache = CacheManager(setup.cache_config(), get_policy(policy), SimMover(PROFILE))
+    cache.register_adapter("a", PROFILE.lora.nbytes(PROFILE.model))
+    return Engine(setup.scheduler, cache, SimRunner(PROFILE))
+
+
+def req(rid, n_prompt, n_out, arrival=0.0, adapter=None, base=0):
+    return Request(rid, [base + i for i in range(n_prompt)], n_out, arrival=arrival,
+                   adapter=adapter, output=[7] * n_out)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_within_the_token_budget():
+    eng = make_engine(64, max_batched_tokens=256)
+    eng.add_request(req("r", 600, 2))
+    chunks = []
+    while eng.has_work:
+        eng._admit_arrivals()
+        batch = eng.scheduler.schedule(eng.now)
+        chunks.append([(p.num_tokens, p.prefix_len) for p in batch.prefills])
+        out = eng.runner.execute(batch, eng.now)
+        eng.now += out.duration
+        eng._postprocess(batch, out)
+    assert chunks[:3] == [[(256, 0)], [(256, 256)], [(88, 512)]]
+    assert eng.finished[0].generated == [7, 7]
+
+
+def test_decodes_are_scheduled_before_new_prefills():
+    eng = make_engine(64, max_batched_tokens=64)
+    eng.add_request(req("first", 40, 5))
+    eng.step()  # prefill "first" -> first token
+    eng.add_request(req("second", 200, 1, arrival=eng.now, base=10_000))
+    eng._admit_arrivals()
+    batch = eng.scheduler.schedule(eng.now)
+    assert [r.request_id for r in batch.decodes] == ["first"]
+    assert [(p.request.request_id, p.num_tokens) for p in batch.prefills] == [("second", 63)]
+
+
+def test_when_the_pool_runs_out_the_latest_request_is_preempted_and_recomputed():
+    # 8 blocks of 16 tokens: two 40-token prompts fit (3 blocks each), growing to 100
+    # tokens each does not: the later one is preempted, requeued first, and finishes.
+    eng = make_engine(8, policy="slora")
+    eng.add_request(req("a", 40, 60, base=0))
+    eng.add_request(req("b", 40, 60, base=1000))
+    finished = eng.run()
+    by_id = {r.request_id: r for r in finished}
+    assert set(by_id) == {"a", "b"}
+    assert by_id["b"].num_preemptions >= 1 and by_id["a"].num_preemptions == 0
+    assert all(r.generated == [7] * 60 for r in finished)
+    assert all(r.state is RequestState.FINISHED for r in finished)
+    eng.cache.check_invariants()
+    assert eng.cache.device_kv_pool.num_free == eng.cache.device_kv_pool.capacity
+
+
+def test_a_request_waits_for_its_adapter_copy_before_prefill():
+    eng = make_engine(256)
+    eng.add_request(req("r", 32, 1, adapter="a"))
+    eng._admit_arrivals()
+    batch = eng.scheduler.schedule(0.0)
+    # the adapter is loading from disk: nothing to run until the copy completes
+    assert not batch
+    ready = eng.scheduler.allocs["r"].ready_at
+    assert ready > 0
+    eng.run()
+    r = eng.finished[0]
+    assert r.t_first_token > ready
+    assert r.t_adapter_wait == ready
+
+
+def test_a_preempted_request_resumes_with_its_generated_tokens_as_context():
+    eng = make_engine(8, policy="fastlibra")
+    eng.add_request(req("a", 40, 60, base=0))
+    eng.add_request(req("b", 40, 60, base=1000))
+    finished = eng.run()
+    b = next(r for r in finished if r.request_id == "b")
+    assert b.num_preemptions >= 1
+    assert len(b.generated) == 60
+    eng.cache.check_invariants()
