@@ -1,0 +1,109 @@
+"""Tables and plots of simulation results (what a person would rather look at)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+TABLE_COLUMNS = [
+    ("ttft_mean", "TTFT mean", 1e3, "{:9.1f}"),
+    ("ttft_p50", "p50", 1e3, "{:8.1f}"),
+    ("ttft_p90", "p90", 1e3, "{:8.1f}"),
+    ("ttft_p99", "p99", 1e3, "{:8.1f}"),
+    ("tpot_mean", "TPOT", 1e3, "{:6.1f}"),
+    ("throughput_rps", "req/s", 1, "{:6.2f}"),
+    ("throughput_tps", "tok/s", 1, "{:7.0f}"),
+    ("device_hit_rate", "dev hit", 100, "{:6.1f}%"),
+    ("host_hit_rate", "host hit", 100, "{:6.1f}%"),
+    ("invalid_kv_block_s", "invalid KV blk*s", 1, "{:16.0f}"),
+    ("swap_in_gib", "swap in GiB", 1, "{:11.1f}"),
+    ("swap_out_gib", "out GiB", 1, "{:8.1f}"),
+    ("ttft_queue", "queue", 1e3, "{:8.1f}"),
+    ("ttft_adapter", "adapter", 1e3, "{:7.1f}"),
+    ("ttft_kv", "KV", 1e3, "{:6.1f}"),
+    ("ttft_prefill", "prefill", 1e3, "{:7.1f}"),
+    ("device_mem_util", "mem util", 100, "{:7.1f}%"),
+    ("completed", "done", 1, "{:6d}"),
+]
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per policy; times in ms. The TTFT breakdown columns sum to TTFT mean."""
+    head = f"{'policy':16s}"
+    for _, title, _, fmt in TABLE_COLUMNS:
+        width = len(fmt.format(0)) if "d" not in fmt else len(fmt.format(0))
+        head += " " + title.rjust(width)
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        row = f"{name:16s}"
+        for key, _, scale, fmt in TABLE_COLUMNS:
+            v = r[key]
+            row += " " + (fmt.format(int(v)) if "d}" in fmt else fmt.format(v * scale))
+        lines.append(row)
+    lines.append("times in ms; queue + adapter + KV + prefill = TTFT mean (the paper's "
+                 "breakdown); invalid KV: device blocks whose adapter is not on device, x seconds")
+    return "\n".join(lines)
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_ttft_cdf(results: dict[str, dict], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        xs = r["ttfts"]
+        if xs:
+            ax.plot([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (ms)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ttft_vs_rate(by_rate: dict[float, dict[str, dict]], path: Path, title: str) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rates = sorted(by_rate)
+    for name in by_rate[rates[0]]:
+        ax.plot(rates, [by_rate[r][name]["ttft_mean"] * 1e3 for r in rates], marker="o",
+                label=name)
+    ax.axhline(500, color="grey", ls="--", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("mean TTFT (ms)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_composition(result: dict, policy: str, path: Path) -> Path:
+    """Device pool over time: adapters / cached KV / running KV / invalid KV / free."""
+    plt = _plt()
+    tl = result["timeline"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    kinds = ["adapter", "kv_cached", "kv_running", "invalid_kv", "free"]
+    colors = ["tab:orange", "tab:blue", "tab:green", "tab:red", "0.9"]
+    ax.stackplot(tl["t"], *[tl[k] for k in kinds], labels=kinds, colors=colors)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("device blocks")
+    ax.set_title(f"device pool composition: {policy}")
+    ax.legend(loc="upper left", fontsize=7, ncols=5)
+    ax.margins(0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
