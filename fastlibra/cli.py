@@ -16,6 +16,35 @@ def _policies(text: str) -> list[str]:
     return names
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"rates must be positive, got {text!r}")
+    return values
+
+
+_UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+
+
+def _bytes(text: str) -> int:
+    """'8GiB', '512MiB', '20GB' or a plain number of bytes."""
+    t = text.strip().lower()
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a size; use e.g. 8GiB, 512MiB, 20GB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastlibra", description="Multi-LoRA serving with a "
                                      "dependency-aware unified LoRA/KV cache.")
@@ -28,6 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", metavar="FILE", help="also write the table as JSON")
 
+    sim = sub.add_parser("simulate", help="compare cache policies on a workload in the "
+                         "simulator (model x hardware step-time profile, no GPU needed)")
+    sim.add_argument("--workload", default="chatbot",
+                     help="chatbot, translation, agent, drift, or trace:PATH (our JSONL)")
+    sim.add_argument("--model", default="llama-2-7b")
+    sim.add_argument("--hardware", default="a100-80g")
+    sim.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs")
+    sim.add_argument("--num-adapters", type=int, default=100)
+    sim.add_argument("--adapter-rank", type=int, default=32)
+    sim.add_argument("--zipf", type=float, default=1.0)
+    sim.add_argument("--rate", type=_floats, default=[4.0],
+                     help="request rate(s), req/s; a comma list plots TTFT vs rate")
+    sim.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora", "sglang"])
+    sim.add_argument("--device-memory", type=_bytes, default=None,
+                     help="unified device pool, e.g. 20GiB (default: HBM - weights - 8%%)")
+    sim.add_argument("--host-memory", type=_bytes, default=256 * 2**30)
+    sim.add_argument("--output-json", metavar="FILE")
+    sim.add_argument("--plot", metavar="DIR", help="write TTFT CDF, TTFT vs rate and "
+                     "pool-composition PNGs here")
+
+    conv = sub.add_parser("convert-trace", help="turn a public trace into our JSONL format "
+                          "(adapters assigned by a seeded, documented rule)")
+    conv.add_argument("kind", choices=["mooncake", "azure", "servegen"])
+    conv.add_argument("src", help="trace file (servegen: the folder of chunk CSVs)")
+    conv.add_argument("dst", help="output JSONL")
+    conv.add_argument("--num-adapters", type=int, default=100)
+    conv.add_argument("--zipf", type=float, default=1.0)
+    conv.add_argument("--seed", type=int, default=0)
+    conv.add_argument("--max-requests", type=int, default=None)
+    conv.add_argument("--time-scale", type=float, default=1.0,
+                      help="multiply arrival times (servegen: compress days into minutes)")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
     cache = bsub.add_parser("cache", help="cost of cache bookkeeping per scheduler step")
@@ -38,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--policy", type=_policies, default=["fastlibra"])
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    paper = bsub.add_parser("paper", help="the paper's grid in the simulator: pairs x workloads "
+                            "x adapters x rates, every policy, vllm-oracle and a lower bound")
+    paper.add_argument("--quick", action="store_true",
+                       help="one small pair (llama-2-7b, a100), 20/100 adapters, 3 rates, 60 s")
+    paper.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPUs)")
+    paper.add_argument("--json", metavar="FILE", help="write cells and summary as JSON")
+    paper.add_argument("--markdown", metavar="FILE",
+                       help="write/replace the paper-sweep section of this markdown file")
+    paper.add_argument("--plot", metavar="DIR", help="TTFT vs rate PNG per (pair, workload)")
+    paper.add_argument("--duration", type=float, default=None,
+                       help="seconds of arrivals per run (default: 60 quick, 300 full)")
+    paper.add_argument("--workloads", default=None, help="comma list (default: all three)")
+    paper.add_argument("--adapters", default=None, help="comma list of adapter counts")
+    paper.add_argument("--rates", type=_floats, default=None,
+                       help="comma list of req/s for every (pair, workload); skips calibration")
+    paper.add_argument("--num-rates", type=int, default=None,
+                       help="rates per (pair, workload) from calibration (default 3 quick, 4 full)")
+    paper.add_argument("--pairs", default=None,
+                       help="comma list of model:hardware:tp[:rank] instead of the defaults")
+    paper.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -46,9 +129,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from fastlibra.demo import run_demo
         return run_demo(args)
+    if args.command == "simulate":
+        from fastlibra.sim.cli import run_simulate
+        return run_simulate(args)
+    if args.command == "convert-trace":
+        from fastlibra.traces import convert_trace
+        n = convert_trace(args.kind, args.src, args.dst, num_adapters=args.num_adapters,
+                          zipf=args.zipf, seed=args.seed, max_requests=args.max_requests,
+                          time_scale=args.time_scale)
+        print(f"wrote {n} requests to {args.dst}")
+        return 0
     if args.command == "bench" and args.bench == "cache":
         from fastlibra.bench import run_cache_bench
         return run_cache_bench(args)
+    if args.command == "bench" and args.bench == "paper":
+        from fastlibra.sim.paper import run_paper
+        return run_paper(args)
     raise AssertionError(args)
 
 

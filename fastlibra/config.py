@@ -167,8 +167,10 @@ class CacheConfig:
     """Tokens of KV per block (all layers)."""
     hardware: HardwareProfile = field(default_factory=HardwareProfile)
     swapper: SwapperConfig = field(default_factory=SwapperConfig)
-    decay_half_life_s: float = 60.0
-    """Half-life of a node's visit frequency; recency and frequency in one number."""
+    decay_half_life_s: float = 15.0
+    """Half-life of a node's visit frequency; recency and frequency in one number. Short
+    lives track bursts (agent), long ones keep steady favourites (translation); 15 s was
+    the best single value over the four simulator workloads (BENCHMARKS.md)."""
     max_adapter_blocks: int = 0
     """Largest adapter in blocks, used to size static adapter slots; 0 = set when adapters
     are registered (the first adapter's size)."""

@@ -32,7 +32,7 @@ class SimSetup:
     scheduler: SchedulerConfig = SchedulerConfig()
     adapter_share: float | None = None
     """Override of the static adapter share of `vllm`/`sglang` (vllm-oracle sweeps it)."""
-    decay_half_life_s: float = 60.0
+    decay_half_life_s: float = CacheConfig.decay_half_life_s
 
     def cache_config(self) -> CacheConfig:
         device = self.profile.free_hbm_bytes() if self.device_memory is None else self.device_memory
