@@ -59,11 +59,16 @@ class RecordingMover:
     """Records every move as (kind, what, src blocks, dst blocks, bytes); copies take `delay`."""
 
     delay: float = 0.0
+    quoted_delay: float = 0.0
+    """What `estimate` answers: the copy queue looks this busy when the cache asks."""
     log: list[Move] = field(default_factory=list)
 
     def submit(self, move: Move, now: float) -> float:
         self.log.append(move)
         return now + self.delay
+
+    def estimate(self, kind, nbytes: int, now: float) -> float:
+        return now + self.quoted_delay
 
     @property
     def moves(self) -> list[tuple[str, str, list[int], list[int], int]]:

@@ -255,6 +255,9 @@ class CacheManager:
             if m.partial is not None:
                 chain.append(self.split(m.partial, m.partial_blocks))
         from_host = [n for n in chain if n.tier is Tier.HOST]
+        if from_host and not self._swap_in_pays(from_host, now):
+            chain = chain[:chain.index(from_host[0])]
+            from_host = []
         cached = chain[-1].end if chain else 0
         host_tokens = sum(len(n.tokens) for n in from_host)
         own = self.cfg.blocks_for_tokens(len(tokens) + reserve_tokens) - cached // self.bs
@@ -299,6 +302,14 @@ class CacheManager:
                            host_tokens, blocks, ready)
         self.running[request_id] = alloc
         return alloc
+
+    def _swap_in_pays(self, nodes: list[KVNode], now: float) -> bool:
+        """Is copying these host nodes in (behind whatever the copy queue already holds)
+        faster than recomputing their tokens? Under heavy swap traffic it is not."""
+        nbytes = sum(n.num_blocks for n in nodes) * self.cfg.block_bytes
+        wait = self.mover.estimate(MoveKind.SWAP_IN, nbytes, now) - now
+        tokens = sum(len(n.tokens) for n in nodes)
+        return wait <= self.cfg.hardware.prefill_time(tokens, nodes[0].prefix_len)
 
     def append(self, alloc: Allocation, num_tokens: int, now: float) -> bool:
         """Grow a running request to hold `num_tokens` tokens of KV. False = preempt someone."""

@@ -48,9 +48,12 @@ class Move:
 
 
 class Mover(Protocol):
-    """Carries out moves. `submit` returns the time at which the copy will be done."""
+    """Carries out moves. `submit` returns the time at which the copy will be done;
+    `estimate` says when a copy of `nbytes` submitted now would be, without queueing it."""
 
     def submit(self, move: Move, now: float) -> float: ...
+
+    def estimate(self, kind: MoveKind, nbytes: int, now: float) -> float: ...
 
 
 @dataclass
@@ -63,6 +66,9 @@ class CountingMover:
     def submit(self, move: Move, now: float) -> float:
         self.bytes_by_kind[move.kind.value] += move.nbytes
         self.moves += 1
+        return now
+
+    def estimate(self, kind: MoveKind, nbytes: int, now: float) -> float:
         return now
 
     @property

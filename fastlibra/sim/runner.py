@@ -22,17 +22,23 @@ class SimMover:
         self.busy_until = {"h2d": 0.0, "d2h": 0.0, "disk": 0.0}
         self.bytes = {"h2d": 0, "d2h": 0, "disk": 0}
 
+    def _queue(self, kind: MoveKind, nbytes: int) -> tuple[str, float]:
+        if kind is MoveKind.SWAP_OUT:
+            return "d2h", nbytes / self.hw.d2h_bandwidth
+        if kind is MoveKind.SWAP_IN:
+            return "h2d", self.hw.h2d_time(nbytes)
+        return "disk", self.hw.disk_load_time(nbytes)
+
+    def estimate(self, kind: MoveKind, nbytes: int, now: float) -> float:
+        queue, seconds = self._queue(kind, nbytes)
+        return max(now, self.busy_until[queue]) + seconds
+
     def submit(self, move: Move, now: float) -> float:
-        if move.kind is MoveKind.SWAP_OUT:
-            queue, seconds = "d2h", move.nbytes / self.hw.d2h_bandwidth
-        elif move.kind is MoveKind.SWAP_IN:
-            queue, seconds = "h2d", self.hw.h2d_time(move.nbytes)
-        else:
-            queue, seconds = "disk", self.hw.disk_load_time(move.nbytes)
-        start = max(now, self.busy_until[queue])
-        self.busy_until[queue] = start + seconds
+        queue, seconds = self._queue(move.kind, move.nbytes)
+        done = max(now, self.busy_until[queue]) + seconds
+        self.busy_until[queue] = done
         self.bytes[queue] += move.nbytes
-        return start + seconds
+        return done
 
 
 class SimRunner:

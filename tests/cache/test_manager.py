@@ -155,6 +155,24 @@ def test_a_host_hit_is_swapped_back_in_and_reported(recorder):
     m.check_invariants()
 
 
+def test_a_host_hit_behind_a_congested_copy_queue_is_recomputed_instead(recorder):
+    m = make_manager(device_blocks=8, adapters={"a": 2}, mover=recorder)
+    run(m, "r1", "a", blocks(1, 2), now=0.0)
+    kv = m.adapters["a"].children[blocks(1)]
+    m.move(kv, Tier.HOST, now=1.0)
+    recorder.take()
+    # recomputing 8 tokens takes well under a second; the queue says one second
+    recorder.quoted_delay = 1.0
+    alloc = m.allocate("r2", "a", blocks(1, 2, 3), now=2.0)
+    m.check_invariants()
+    assert (alloc.host_hit_tokens, alloc.cached_tokens, alloc.ready_at) == (0, 0, 2.0)
+    assert recorder.take() == []  # nothing copied; the host copy stays for later
+    assert kv.tier is Tier.HOST
+    m.free(alloc, now=3.0)
+    m.check_invariants()
+    assert tree(m, "a") == ["[1][2] HOST [0, 1]"]
+
+
 def test_a_returning_conversation_brings_its_adapter_back_before_its_kv():
     recorder = RecordingMover(delay=0.5)
     m = make_manager(device_blocks=8, adapters={"a": 2}, mover=recorder)
