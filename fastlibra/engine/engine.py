@@ -111,12 +111,13 @@ class Engine:
         s = self.scheduler
         k = min(r.target_output_len - len(r.generated) for r in batch.decodes)
         k = min(k, self.runner.max_fused_steps)
-        events = [t for t in (self._arrivals[0][0] if self._arrivals else None,
-                              s.next_ready(self.now)) if t is not None]
-        if s.waiting and len(s.running) < s.cfg.max_num_seqs:
-            return 1  # the head may fit after this step's tick
-        if k <= 1:
-            return 1
+        if k <= 1 or (s.waiting and not s.head_blocked
+                      and len(s.running) < s.cfg.max_num_seqs):
+            return 1  # the queue head could start next step
+        # A blocked head waits for a finish (which ends the fused run); arrivals queue
+        # behind it. Otherwise the next arrival may start at once.
+        arrival = self._arrivals[0][0] if self._arrivals and not s.waiting else None
+        events = [t for t in (arrival, s.next_ready(self.now)) if t is not None]
         if events:
             one = self.runner.step_estimate(batch)
             k = min(k, max(1, int((min(events) - self.now) / max(one, 1e-9))))

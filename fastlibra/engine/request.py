@@ -55,6 +55,16 @@ class Request:
         if self.output is not None and not self.output:
             raise ValueError(f"request {self.request_id}: a scripted output needs >= 1 token")
 
+    def fresh_copy(self) -> Request:
+        """This request and its follow-up turns, as if never run (prompts are shared:
+        nothing mutates them). Lets every policy replay the same workload."""
+        turn = Request(self.request_id, self.prompt, self.max_new_tokens, arrival=self.arrival,
+                       adapter=self.adapter, output=self.output, think_s=self.think_s,
+                       session=self.session)
+        if self.next_turn is not None:
+            turn.next_turn = self.next_turn.fresh_copy()
+        return turn
+
     @property
     def target_output_len(self) -> int:
         return min(self.max_new_tokens, len(self.output)) if self.output else self.max_new_tokens

@@ -57,6 +57,9 @@ class Scheduler:
         """Admitted requests in admission order (the last is preempted first)."""
         self.allocs: dict[str, Allocation] = {}
         self.rejected: list[Request] = []
+        self.head_blocked = False
+        """The last schedule could not place the queue head: memory frees only when a
+        running request finishes or is preempted, so nothing behind it can start."""
 
     def add(self, req: Request, now: float) -> None:
         """An arrival joins the queue; the nodes it will need gain queued demand."""
@@ -85,9 +88,11 @@ class Scheduler:
                 break
             if req.t_first_token is None or self._pending(req) > 1:
                 budget -= self._add_prefill(batch, req, budget, now)
+        self.head_blocked = False
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
             if not self._admit(req, now):
+                self.head_blocked = True
                 break
             if req.state is RequestState.RUNNING:
                 budget -= self._add_prefill(batch, req, budget, now)

@@ -6,7 +6,6 @@ same step-time model and the same memory budget; only the cache policy differs.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, replace
 
 from tqdm import tqdm
@@ -70,8 +69,8 @@ def count_requests(requests: list[Request]) -> int:
 
 def simulate(policy: str, requests: list[Request], setup: SimSetup,
              progress: tqdm | None = None, timeline_interval_s: float = 1.0) -> dict:
-    """One policy over (a deep copy of) `requests`; returns the summary plus the timeline."""
-    requests = copy.deepcopy(requests)
+    """One policy over (a fresh copy of) `requests`; returns the summary plus the timeline."""
+    requests = [r.fresh_copy() for r in requests]
     share = setup.adapter_share if get_policy(policy).adapter_share is not None else None
     cache = CacheManager(setup.cache_config(), get_policy(policy, share),
                          SimMover(setup.profile))
