@@ -36,6 +36,7 @@ class CostModel:
         self.hw = cfg.hardware
         self.host_keeps_kv = host_keeps_kv
         self.rate = math.log(2) / cfg.decay_half_life_s
+        self.block_h2d_s = self.hw.h2d_time(cfg.block_bytes)
 
     # -- statistics ---------------------------------------------------------------------
     def visit(self, node: Node, now: float) -> None:
@@ -67,9 +68,9 @@ class CostModel:
         return self.hw.prefill_time(len(node.tokens), node.prefix_len) - self.hw.prefill_base
 
     def transfer_time(self, node: Node) -> float:
-        nbytes = node.nbytes if isinstance(node, AdapterNode) else \
-            node.num_blocks * self.cfg.block_bytes
-        return self.hw.h2d_time(nbytes)
+        if isinstance(node, AdapterNode):
+            return self.hw.h2d_time(node.nbytes)
+        return node.num_blocks * self.block_h2d_s
 
     def disk_time(self, node: AdapterNode) -> float:
         return self.hw.disk_load_time(node.nbytes)

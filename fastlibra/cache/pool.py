@@ -17,12 +17,16 @@ from enum import Enum
 class Tier(Enum):
     """Where a node's bytes live. DISK is the adapter file: not a pool, never KV."""
 
+    __hash__ = object.__hash__  # members are singletons; Enum's own hash runs Python code
+
     DEVICE = 0
     HOST = 1
     DISK = 2
 
 
 class BlockKind(Enum):
+    __hash__ = object.__hash__  # see Tier
+
     ADAPTER = "adapter"
     KV_CACHED = "kv_cached"
     KV_RUNNING = "kv_running"
