@@ -101,6 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--policy", type=_policies, default=["fastlibra"])
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    scale = bsub.add_parser("scale", help="1,000 and 2,000 adapters under random, distinct "
+                            "and skewed popularity")
+    scale.add_argument("--adapters", type=lambda t: [int(x) for x in t.split(",")],
+                       default=[1000, 2000])
+    scale.add_argument("--model", default="llama-3-8b")
+    scale.add_argument("--hardware", default="h100-80g")
+    scale.add_argument("--tp", type=int, default=1)
+    scale.add_argument("--adapter-rank", type=int, default=32)
+    scale.add_argument("--rate", type=float, default=8.0, help="requests/s")
+    scale.add_argument("--duration", type=float, default=300.0)
+    scale.add_argument("--seed", type=int, default=0)
+    scale.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora", "sglang"])
+
     paper = bsub.add_parser("paper", help="the paper's grid in the simulator: pairs x workloads "
                             "x adapters x rates, every policy, vllm-oracle and a lower bound")
     paper.add_argument("--quick", action="store_true",
@@ -142,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and args.bench == "cache":
         from fastlibra.bench import run_cache_bench
         return run_cache_bench(args)
+    if args.command == "bench" and args.bench == "scale":
+        from fastlibra.sim.scale import run_scale
+        return run_scale(args)
     if args.command == "bench" and args.bench == "paper":
         from fastlibra.sim.paper import run_paper
         return run_paper(args)
