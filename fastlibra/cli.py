@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from fastlibra.cache import CacheError
 from fastlibra.cache.policies import POLICIES
 
 
@@ -138,7 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, OSError, CacheError) as e:  # ConfigError, TraceError, missing files
+        parser.exit(2, f"fastlibra {args.command}: error: {e}\n")
+
+
+def _dispatch(args) -> int:
     if args.command == "demo":
         from fastlibra.demo import run_demo
         return run_demo(args)

@@ -51,6 +51,18 @@ def _plt():
     return plt
 
 
+def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return path
+
+
 def plot_ttft_cdf(results: dict[str, dict], path: Path, title: str) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -59,15 +71,7 @@ def plot_ttft_cdf(results: dict[str, dict], path: Path, title: str) -> Path:
         if xs:
             ax.plot([x * 1e3 for x in xs], [(i + 1) / len(xs) for i in range(len(xs))], label=name)
     ax.set_xscale("log")
-    ax.set_xlabel("TTFT (ms)")
-    ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title, "TTFT (ms)", "fraction of requests")
 
 
 def plot_ttft_vs_rate(by_rate: dict[float, dict[str, dict]], path: Path, title: str) -> Path:
@@ -79,15 +83,7 @@ def plot_ttft_vs_rate(by_rate: dict[float, dict[str, dict]], path: Path, title: 
                 label=name)
     ax.axhline(500, color="grey", ls="--", lw=0.8)
     ax.set_yscale("log")
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("mean TTFT (ms)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title, "request rate (req/s)", "mean TTFT (ms)")
 
 
 def plot_composition(result: dict, policy: str, path: Path) -> Path:
