@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--device-memory", type=_bytes, default=None,
                      help="unified device pool, e.g. 20GiB (default: HBM - weights - 8%%)")
     sim.add_argument("--host-memory", type=_bytes, default=256 * 2**30)
+    sim.add_argument("--adapter-share", type=float, default=None,
+                     help="static adapter share of device memory for vllm/sglang (default 0.2)")
     sim.add_argument("--output-json", metavar="FILE")
     sim.add_argument("--plot", metavar="DIR", help="write TTFT CDF, TTFT vs rate and "
                      "pool-composition PNGs here")

@@ -35,7 +35,8 @@ def build_requests(workload: str, rate: float, num_adapters: int, zipf: float,
 
 def run_simulate(args) -> int:
     profile = SimProfile.named(args.model, args.hardware, args.tp, args.adapter_rank)
-    setup = SimSetup(profile, device_memory=args.device_memory, host_memory=args.host_memory)
+    setup = SimSetup(profile, device_memory=args.device_memory, host_memory=args.host_memory,
+                     adapter_share=args.adapter_share)
     cfg = setup.cache_config()
     print(f"{args.model} on {args.tp} x {args.hardware}: device pool {cfg.device_blocks} blocks "
           f"({cfg.device_blocks * cfg.block_bytes / 2**30:.1f} GiB), host pool "
