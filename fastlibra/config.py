@@ -205,6 +205,10 @@ class SchedulerConfig:
     """Tokens computed per step (decode tokens + prefill chunk tokens)."""
     chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing; False = whole prompts only."""
+    layerwise_copies: bool = True
+    """Start a prefill while its adapter and cached KV are still being copied in, when the
+    copy should land before the prefill reaches the last layer: the runner waits per
+    layer (copy events per layer), so copy and compute overlap. False = wait for all."""
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "SchedulerConfig.max_num_seqs must be positive")

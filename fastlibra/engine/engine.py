@@ -140,8 +140,7 @@ class Engine:
             req.num_computed = len(req.prompt) + len(req.generated) - 1
             if req.t_first_token is None:
                 req.t_first_token = now
-                req.t_prefill = max(0.0, now - req.arrival - req.t_queue - req.t_adapter_wait
-                                    - req.t_kv_wait)
+                req.close_breakdown()
             if len(req.generated) >= req.target_output_len:
                 self.scheduler.finish(req, now)
                 self.finished.append(req)

@@ -41,11 +41,26 @@ class Request:
     num_preemptions: int = 0
     cached_tokens: int = 0
     """Prompt tokens served from cache at (the last) admission."""
-    # TTFT breakdown, seconds (queueing, adapter cold start, KV cold start, prefill compute)
+    t_prefill_start: float | None = None
+    """When its first prefill step started (after any copy wait)."""
+    adapter_ready_at: float = 0.0
+    # TTFT breakdown (seconds), phases that sum to TTFT: queueing (arrival -> admission),
+    # adapter and KV cold start (admission -> first prefill step, split by which copy it
+    # waited for), prefill (first prefill step -> first token, copy stalls inside included)
     t_queue: float = 0.0
     t_adapter_wait: float = 0.0
     t_kv_wait: float = 0.0
     t_prefill: float = 0.0
+
+    def close_breakdown(self) -> None:
+        """Fill the TTFT breakdown once the first token exists."""
+        assert self.t_first_token is not None and self.t_scheduled is not None
+        start = self.t_prefill_start if self.t_prefill_start is not None else self.t_scheduled
+        self.t_queue = self.t_scheduled - self.arrival
+        wait = start - self.t_scheduled
+        self.t_adapter_wait = min(wait, max(0.0, self.adapter_ready_at - self.t_scheduled))
+        self.t_kv_wait = wait - self.t_adapter_wait
+        self.t_prefill = self.t_first_token - start
 
     def __post_init__(self) -> None:
         if not self.prompt:

@@ -25,6 +25,9 @@ class PrefillItem:
     """Prompt tokens computed this step."""
     prefix_len: int
     """Prompt tokens whose KV already exists (cached or earlier chunks)."""
+    ready_at: float = 0.0
+    """When the copies this prefill reads (adapter, cached KV) complete; later than the
+    step start only with layer-wise copies, where the runner waits per layer."""
 
 
 @dataclass
@@ -104,12 +107,21 @@ class Scheduler:
         return len(req.prompt) + len(req.generated) - req.num_computed
 
     def _add_prefill(self, batch: Batch, req: Request, budget: int, now: float) -> int:
-        if self.allocs[req.request_id].ready_at > now:
-            return 0  # its adapter or cached prefix is still being copied in
+        ready = self.allocs[req.request_id].ready_at
         n = self._chunk(self._pending(req), budget)
-        if n:
-            batch.prefills.append(PrefillItem(req, n, req.num_computed))
+        if not n or ready > now and not self._overlaps(n, req.num_computed, ready - now):
+            return 0  # its adapter or cached prefix is still being copied in
+        batch.prefills.append(PrefillItem(req, n, req.num_computed, ready))
+        if req.t_prefill_start is None:
+            req.t_prefill_start = now
         return n
+
+    def _overlaps(self, num_tokens: int, prefix: int, copy_left: float) -> bool:
+        """With layer-wise copies, start when the copy lands before the last layer needs it."""
+        if not self.cfg.layerwise_copies:
+            return False
+        compute = self.cache.cfg.hardware.prefill_time(num_tokens, prefix)
+        return copy_left <= compute
 
     def _chunk(self, remaining: int, budget: int) -> int:
         if self.cfg.chunked_prefill:
@@ -137,10 +149,7 @@ class Scheduler:
         req.cached_tokens = alloc.cached_tokens
         if req.t_scheduled is None:
             req.t_scheduled = now
-            req.t_queue = now - req.arrival
-            adapter_wait = max(0.0, alloc.adapter.ready_at - now)
-            req.t_adapter_wait = adapter_wait
-            req.t_kv_wait = max(0.0, alloc.ready_at - now - adapter_wait)
+            req.adapter_ready_at = alloc.adapter.ready_at
         return True
 
     def _grow(self, req: Request, num_tokens: int, now: float) -> bool:

@@ -63,6 +63,11 @@ class SimRunner:
         # Step time is affine in context within a regime: average the first and last step.
         duration = self._time(batch) if k == 1 else \
             k * (self._time(batch) + self._time(batch, k - 1)) / 2
+        # Layer-wise copies: a prefill whose copy is still in flight finishes one layer's
+        # compute after the copy lands, if that is later than the step would end anyway.
+        layer = duration / self.profile.model.num_layers
+        for p in batch.prefills:
+            duration = max(duration, p.ready_at - now + layer)
         tokens: dict[str, list[int]] = {}
         for p in batch.prefills:
             r = p.request

@@ -91,3 +91,31 @@ def test_a_preempted_request_resumes_with_its_generated_tokens_as_context():
     assert b.num_preemptions >= 1
     assert len(b.generated) == 60
     eng.cache.check_invariants()
+
+
+def _host_hit_ttft(layerwise: bool) -> tuple[float, float]:
+    """TTFT of a request whose 1,024-token prefix comes back from host, and its copy time."""
+    from fastlibra.cache import Tier
+
+    eng = make_engine(512, layerwise_copies=layerwise)
+    first = req("first", 1024, 1)
+    eng.add_request(first)
+    eng.run()
+    node = next(iter(eng.cache.base.children.values()))
+    eng.cache.move(node, Tier.HOST, eng.now)
+    eng.now += 1.0  # the swap-out is long done
+    second = req("second", 1024 + 256, 1, arrival=eng.now)
+    second.prompt[:1024] = first.prompt  # same prefix, 256 new tokens
+    eng.add_request(second)
+    eng.run()
+    copy = eng.scheduler.cache.cfg.hardware.h2d_time(64 * BLOCK)
+    return second.ttft, copy
+
+
+def test_layerwise_copies_overlap_the_swap_in_with_the_prefill():
+    overlapped, copy = _host_hit_ttft(layerwise=True)
+    serial, _ = _host_hit_ttft(layerwise=False)
+    prefill = PROFILE.prefill_time(256, 1024)
+    # serial: wait for the whole copy, then prefill; overlapped: the longer of the two
+    assert serial >= copy + prefill - 1e-9
+    assert max(copy, prefill) - 1e-9 <= overlapped < serial
