@@ -1,0 +1,207 @@
+"""PEFT LoRA adapters: read, validate against the base model, hold as plain tensors.
+
+    <dir>/adapter_config.json        {"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                      "target_modules": [...], "use_rslora": false, ...}
+    <dir>/adapter_model.safetensors  base_model.model.model.layers.{i}.{self_attn|mlp}.
+                                     {module}.lora_{A|B}.weight
+
+For a target linear layer W (out x in) the adapter adds `scaling * B @ A`, with
+A: [r, in], B: [out, r], scaling = lora_alpha / r (or lora_alpha / sqrt(r) with rslora).
+Anything we would serve differently from PEFT (DoRA, biases, per-module ranks, extra
+trained modules) is rejected, never silently ignored; every error names the file.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from fastlibra.config import LORA_TARGETS, LoraShape
+from fastlibra.model.loader import ModelConfig, default_device, read_json, resolve_dtype
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
+                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_SUBMODULE = {m: ("self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp")
+              for m in LORA_TARGETS}
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory cannot be served with this base model; says which file and why."""
+
+
+def _fail(file: Path, msg: str) -> AdapterLoadError:
+    return AdapterLoadError(f"{file}: {msg}")
+
+
+@dataclass
+class LoraWeights:
+    a: torch.Tensor  # [rank, in_features]
+    b: torch.Tensor  # [out_features, rank]
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    rank: int
+    scaling: float
+    target_modules: tuple[str, ...]
+    weights: dict[tuple[int, str], LoraWeights]
+    """(layer index, module name) -> A and B; layers PEFT left out have no entry."""
+    path: Path
+
+    def shape(self, dtype_bytes: int = 2) -> LoraShape:
+        """The cache-sizing view (blocks this adapter occupies)."""
+        return LoraShape(self.rank, self.target_modules, dtype_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(w.a.nbytes + w.b.nbytes for w in self.weights.values())
+
+
+_FULL_NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")
+
+
+def _targets(raw: dict, file: Path, layer_ids: tuple[int, ...],
+             num_layers: int) -> set[tuple[int, str]]:
+    """The (layer, module) pairs the adapter must carry, as PEFT matches target_modules:
+    a bare name ("q_proj") hits that projection in every adapted layer, a full name
+    ("model.layers.3.self_attn.q_proj", as PEFT writes for "all-linear") one layer, a
+    string is a regex over full names."""
+    tm = raw.get("target_modules")
+    if tm == "all-linear":
+        tm = list(LORA_TARGETS)
+    elif isinstance(tm, str):
+        # PEFT full-matches a string as a regex against every module's full name.
+        tm = [f"model.layers.{i}.{_SUBMODULE[m]}.{m}" for i in range(num_layers)
+              for m in LORA_TARGETS
+              if re.fullmatch(raw["target_modules"], f"model.layers.{i}.{_SUBMODULE[m]}.{m}")]
+        if not tm:
+            raise _fail(file, f"target_modules regex {raw['target_modules']!r} matches none "
+                              f"of the adaptable projections {list(LORA_TARGETS)}")
+    if not isinstance(tm, list) or not tm:
+        raise _fail(file, f"target_modules must be a non-empty list, got {tm!r}")
+    out: set[tuple[int, str]] = set()
+    unknown = []
+    for entry in tm:
+        full = _FULL_NAME.match(entry) if isinstance(entry, str) else None
+        if entry in LORA_TARGETS:
+            out.update((layer, entry) for layer in layer_ids)
+        elif full and full[3] in LORA_TARGETS and _SUBMODULE[full[3]] == full[2]:
+            if int(full[1]) in layer_ids:
+                out.add((int(full[1]), full[3]))
+        else:
+            unknown.append(entry)
+    if unknown:
+        raise _fail(file, f"unknown target module(s) {unknown}; supported: {list(LORA_TARGETS)}")
+    return out
+
+
+def _check_config(raw: dict, file: Path, model: ModelConfig, max_rank: int,
+                  check_base: bool) -> tuple[int, float, set[tuple[int, str]]]:
+    """(rank, scaling, (layer, module) pairs to adapt) from adapter_config.json."""
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise _fail(file, f"peft_type {raw.get('peft_type')!r} is not LORA")
+    r = raw.get("r")
+    if not isinstance(r, int) or r <= 0:
+        raise _fail(file, f"r must be a positive integer, got {r!r}")
+    if r > max_rank:
+        raise _fail(file, f"rank r={r} is above the configured max_lora_rank={max_rank}")
+    alpha = raw.get("lora_alpha", 8)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise _fail(file, f"lora_alpha must be a number, got {alpha!r}")
+    unsupported = [
+        ("use_dora", raw.get("use_dora"), "DoRA adapters"),
+        ("bias", raw.get("bias", "none") != "none" and raw.get("bias"), "trained biases"),
+        ("lora_bias", raw.get("lora_bias"), "LoRA biases"),
+        ("rank_pattern", raw.get("rank_pattern"), "per-module ranks"),
+        ("alpha_pattern", raw.get("alpha_pattern"), "per-module alphas"),
+        ("modules_to_save", raw.get("modules_to_save"), "fully trained extra modules"),
+        ("fan_in_fan_out", raw.get("fan_in_fan_out"), "transposed (Conv1D) weights"),
+        ("layer_replication", raw.get("layer_replication"), "layer replication"),
+        ("trainable_token_indices", raw.get("trainable_token_indices"), "trained tokens"),
+    ]
+    for key, value, what in unsupported:
+        if value:
+            raise _fail(file, f"{key}={value!r}: {what} are not supported")
+    layers = raw.get("layers_to_transform")
+    if layers is None:
+        layer_ids = tuple(range(model.num_layers))
+    else:
+        layer_ids = tuple([layers] if isinstance(layers, int) else layers)
+        bad = [i for i in layer_ids if not 0 <= i < model.num_layers]
+        if bad:
+            raise _fail(file, f"layers_to_transform {bad} outside the base model's "
+                              f"{model.num_layers} layers")
+    targets = _targets(raw, file, layer_ids, model.num_layers)
+    base = raw.get("base_model_name_or_path")
+    if check_base and base and model.names and base not in model.names \
+            and Path(base).name not in {Path(n).name for n in model.names}:
+        raise _fail(file, f"base_model_name_or_path {base!r} does not match the base model "
+                          f"({model.names[0]!r})")
+    scaling = alpha / math.sqrt(r) if raw.get("use_rslora") else alpha / r
+    return r, float(scaling), targets
+
+
+def load_adapter(path: str | Path, model: ModelConfig, *, max_rank: int,
+                 name: str | None = None, dtype: torch.dtype | str = torch.float32,
+                 device: torch.device | str | None = None,
+                 check_base: bool = True) -> LoraAdapter:
+    """Read and validate a PEFT LoRA directory for `model`; tensors go to `device` in
+    `dtype`. `check_base=False` accepts a `base_model_name_or_path` naming another copy
+    of the same model (shapes are still checked)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterLoadError(f"{root}: adapter directory not found")
+    cfg_file, w_file = root / CONFIG_FILE, root / WEIGHTS_FILE
+    try:
+        raw = read_json(cfg_file)
+    except ValueError as e:
+        raise AdapterLoadError(str(e)) from None
+    rank, scaling, targets = _check_config(raw, cfg_file, model, max_rank, check_base)
+    if not w_file.exists():
+        bins = " (adapter_model.bin is not supported)" if (root / "adapter_model.bin").exists() \
+            else ""
+        raise _fail(w_file, f"file not found{bins}")
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device) if device is not None else default_device()
+    found: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(str(w_file), framework="pt", device="cpu") as f:
+            for key in sorted(f.keys()):
+                m = _KEY.match(key)
+                if m is None:
+                    raise _fail(w_file, f"unexpected tensor {key!r} (only lora_A/lora_B "
+                                        "weights of decoder-layer projections are supported)")
+                layer, sub, module, ab = int(m[1]), m[2], m[3], m[4]
+                short = f"layers.{layer}.{sub}.{module}.lora_{ab}"
+                if module not in LORA_TARGETS or _SUBMODULE[module] != sub:
+                    raise _fail(w_file, f"{short}: unknown target module {module!r}")
+                if (layer, module) not in targets:
+                    raise _fail(w_file, f"{short}: not a target of {CONFIG_FILE} "
+                                        "(target_modules / layers_to_transform)")
+                t = f.get_tensor(key)
+                fan_in, fan_out = model.projection_dims(module)
+                want = (rank, fan_in) if ab == "A" else (fan_out, rank)
+                if tuple(t.shape) != want:
+                    raise _fail(w_file, f"{short} has shape {tuple(t.shape)}, expected {want}")
+                found.setdefault((layer, module), {})[ab] = t.to(device=device, dtype=dtype)
+    except SafetensorError as e:
+        raise _fail(w_file, f"not a readable safetensors file ({e})") from None
+    for layer, module in sorted(targets):
+        got = found.get((layer, module), {})
+        for ab in "AB":
+            if ab not in got:
+                raise _fail(w_file, f"missing layers.{layer}.{_SUBMODULE[module]}."
+                                    f"{module}.lora_{ab}")
+    weights = {k: LoraWeights(v["A"], v["B"]) for k, v in sorted(found.items())}
+    modules = tuple(m for m in LORA_TARGETS if any(m == t for _, t in targets))
+    return LoraAdapter(name=name or root.name, rank=rank, scaling=scaling,
+                       target_modules=modules, weights=weights, path=root)
