@@ -10,11 +10,11 @@ Prompts are written in blocks: `blocks(1, 2, 3)` is the 12 tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
-from fastlibra.cache import CacheManager, Move
+from fastlibra.cache import CacheManager, Move, get_policy
 from fastlibra.cache.tree import AdapterNode
 from fastlibra.config import CacheConfig, HardwareProfile, ModelShape, SwapperConfig
 
@@ -46,9 +46,13 @@ def make_cfg(device_blocks: int = 16, host_blocks: int = 8, *,
 
 
 def make_manager(policy: str = "fastlibra", device_blocks: int = 16, host_blocks: int = 8, *,
-                 mover=None, adapters: dict[str, int] | None = None, **cfg_kw) -> CacheManager:
-    """A manager on a tiny config; `adapters` maps names to sizes in blocks."""
-    m = CacheManager(make_cfg(device_blocks, host_blocks, **cfg_kw), policy, mover=mover)
+                 mover=None, adapters: dict[str, int] | None = None,
+                 adapters_in_host: bool = False, **cfg_kw) -> CacheManager:
+    """A manager on a tiny config; `adapters` maps names to sizes in blocks. Adapters
+    start on disk (not read into host at registration) unless `adapters_in_host`, so the
+    pinned block ids below do not depend on each policy's start-up state."""
+    pol = replace(get_policy(policy), adapters_in_host=adapters_in_host)
+    m = CacheManager(make_cfg(device_blocks, host_blocks, **cfg_kw), pol, mover=mover)
     for name, nblocks in (adapters or {}).items():
         m.register_adapter(name, adapter_bytes(nblocks))
     return m

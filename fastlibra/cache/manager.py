@@ -158,6 +158,11 @@ class CacheManager:
         if old is not None:
             self._retire(old)
         self.adapters[name] = node
+        if self.policy.adapters_in_host and self.host_pool.num_free >= nblocks:
+            # Read at registration, before serving: a starting state, not a timed copy.
+            node.blocks = self.host_pool.allocate(nblocks, BlockKind.ADAPTER)
+            T.set_tier(node, Tier.HOST)
+            self.swapper.touch(node)
         return node
 
     def unregister_adapter(self, name: str) -> None:

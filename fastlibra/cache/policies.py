@@ -8,9 +8,11 @@ traits, so the core has no `if policy == ...` chains.
 | fastlibra       | unified pool             | tree     | yes        | adapters + KV | cost    |
 | fastlibra-nodep | unified pool             | tree     | no         | adapters + KV | cost    |
 | fastlibra-lru   | unified pool             | tree     | yes        | adapters + KV | LRU     |
-| vllm            | static share, LRU slots  | prefix   | no         | adapters      | LRU     |
+| vllm            | static share, LRU slots  | prefix   | no         | adapters (*)  | LRU     |
 | sglang          | static share, LRU        | radix    | no         | adapters      | LRU     |
 | slora           | unified pool, on demand  | none     | n/a        | adapters      | LRU     |
+
+(*) read from disk on first use; the others hold every adapter in host memory from the start.
 
 vLLM reserves `max_loras` adapter slots up front (the paper configured 20 % of memory) and
 keeps a CPU LRU of adapters; its prefix cache hashes the adapter id into each block, and
@@ -60,6 +62,10 @@ class Policy:
     evict_blocks: bool = False
     """Evict single blocks (a node's tail first) rather than whole nodes, as vLLM's free
     block queue does; radix caches (SGLang) evict whole leaves."""
+    adapters_in_host: bool = True
+    """Adapters are read into host memory when registered (before serving), as S-LoRA,
+    SGLang and FastLibra keep them; vLLM reads each from disk on first use into an LRU
+    CPU cache."""
 
     def __post_init__(self) -> None:
         if self.adapter_share is not None and not 0 < self.adapter_share < 1:
@@ -77,7 +83,7 @@ POLICIES: dict[str, Policy] = {
                _lru_rank, dependency_aware=True, reuse_kv=True, host_kv=True, swapper=True),
         Policy("vllm", "static adapter slots (20% share), CPU adapter LRU, prefix-cache LRU",
                _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
-               adapter_share=0.2, evict_blocks=True),
+               adapter_share=0.2, evict_blocks=True, adapters_in_host=False),
         Policy("sglang", "static LoRA pool, per-adapter radix cache with LRU leaf eviction",
                _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
                adapter_share=0.2),

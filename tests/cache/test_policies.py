@@ -174,3 +174,20 @@ def test_static_policy_adapters_are_sized_against_the_adapter_share():
     m.register_adapter("fits", adapter_bytes(4))
     with pytest.raises(CacheError, match="device-adapters pool holds 4"):
         m.register_adapter("too-big", adapter_bytes(5))
+
+
+def test_adapters_start_in_host_memory_except_under_vllm():
+    # S-LoRA, SGLang and FastLibra read every adapter into host memory before serving;
+    # vLLM reads it from disk on first use.
+    from fastlibra.cache import CacheManager, Tier, get_policy
+    tiers = {}
+    for name in ("fastlibra", "slora", "sglang", "vllm"):
+        m = CacheManager(make_cfg(device_blocks=20, host_blocks=8), get_policy(name))
+        a = m.register_adapter("a", adapter_bytes(2))
+        tiers[name] = a.tier
+        m.check_invariants()
+    assert tiers == {"fastlibra": Tier.HOST, "slora": Tier.HOST, "sglang": Tier.HOST,
+                     "vllm": Tier.DISK}
+    # no room on host: the adapter stays on disk until first use
+    m = CacheManager(make_cfg(device_blocks=20, host_blocks=1), get_policy("fastlibra"))
+    assert m.register_adapter("a", adapter_bytes(2)).tier is Tier.DISK

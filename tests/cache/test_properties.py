@@ -110,7 +110,11 @@ class CacheMachine(RuleBasedStateMachine):
             assert m.adapters.get(name) is old
             return
         new = m.register_adapter(name, adapter_bytes(nblocks))
-        assert m.adapters[name] is new and new.tier is Tier.DISK
+        assert m.adapters[name] is new
+        if m.policy.adapters_in_host:  # read into host unless the host had no room for it
+            assert new.tier is Tier.HOST or m.host_pool.num_free < nblocks
+        else:
+            assert new.tier is Tier.DISK
         if old is not None:
             assert old.retired and new.generation == old.generation + 1
             assert (old in m.nodes()) == old.pinned  # kept only while in use
