@@ -27,6 +27,20 @@ def _floats(text: str) -> list[float]:
     return values
 
 
+def _policy(text: str) -> str:
+    if text not in POLICIES:
+        raise argparse.ArgumentTypeError(
+            f"unknown policy {text!r}; choose from {', '.join(POLICIES)}")
+    return text
+
+
+def _adapter_arg(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 
@@ -94,6 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--time-scale", type=float, default=1.0,
                       help="multiply arrival times (servegen: compress days into minutes)")
 
+    gen = sub.add_parser("generate", help="generate text with a local Hugging Face model "
+                         "directory and PEFT LoRA adapters on the real model runner")
+    gen.add_argument("--model", required=True, metavar="DIR", help="model directory "
+                     "(config.json, *.safetensors, tokenizer files)")
+    gen.add_argument("--adapter", action="append", default=[], type=_adapter_arg,
+                     metavar="NAME=PATH", help="register a PEFT adapter (repeatable)")
+    gen.add_argument("--use-adapter", metavar="NAME", default=None,
+                     help="generate with this registered adapter (default: the base model)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=16)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="default: bfloat16 on CUDA, float32 on CPU")
+    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    gen.add_argument("--device-memory", type=_bytes, default=None,
+                     help="device pool for KV and adapters, e.g. 4GiB")
+    gen.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
+    gen.add_argument("--block-size", type=int, default=16)
+    gen.add_argument("--policy", type=_policy, default="fastlibra")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object: text, token_ids (generated), finish_reason")
+
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
     cache = bsub.add_parser("cache", help="cost of cache bookkeeping per scheduler step")
@@ -116,6 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--duration", type=float, default=300.0)
     scale.add_argument("--seed", type=int, default=0)
     scale.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora", "sglang"])
+
+    model = bsub.add_parser("model", help="our paged model runner against transformers "
+                            "(decode batch 1/16, adapter prefill cost) on a random Llama")
+    model.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    model.add_argument("--threads", type=int, default=1,
+                       help="torch intra-op threads for both sides (default 1: on a shared "
+                       "machine OpenMP threads that wait on a busy core make steps 10x slower)")
+    for flag, default in (("--hidden", 768), ("--layers", 6), ("--heads", 12),
+                          ("--kv-heads", 4), ("--intermediate", 2048), ("--vocab", 32000)):
+        model.add_argument(flag, type=int, default=default, help=f"model shape (default {default})")
+    model.add_argument("--rank", type=int, default=16, help="LoRA rank on q/k/v/o (default 16)")
+    model.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before decode")
+    model.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps")
+    model.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")],
+                       default=[1, 16], help="decode batch sizes (default 1,16)")
+    model.add_argument("--prefill-len", type=int, default=1024,
+                       help="tokens of the adapter-cost prefill (default 1024)")
+    model.add_argument("--warmup", type=int, default=1, help="untimed runs per measurement")
+    model.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
+    model.add_argument("--seed", type=int, default=0)
 
     paper = bsub.add_parser("paper", help="the paper's grid in the simulator: pairs x workloads "
                             "x adapters x rates, every policy, vllm-oracle and a lower bound")
@@ -163,16 +223,45 @@ def _dispatch(args) -> int:
                           time_scale=args.time_scale)
         print(f"wrote {n} requests to {args.dst}")
         return 0
+    if args.command == "generate":
+        return _generate(args)
     if args.command == "bench" and args.bench == "cache":
         from fastlibra.bench import run_cache_bench
         return run_cache_bench(args)
     if args.command == "bench" and args.bench == "scale":
         from fastlibra.sim.scale import run_scale
         return run_scale(args)
+    if args.command == "bench" and args.bench == "model":
+        from fastlibra.model.bench import run_model_bench
+        return run_model_bench(args)
     if args.command == "bench" and args.bench == "paper":
         from fastlibra.sim.paper import run_paper
         return run_paper(args)
     raise AssertionError(args)
+
+
+def _generate(args) -> int:
+    import json
+
+    from fastlibra.llm import LLM
+    from fastlibra.model.sampling import SamplingParams
+
+    names = [name for name, _ in args.adapter]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--adapter given twice for {', '.join(dup)}")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop))
+    llm = LLM(args.model, dict(args.adapter), device_memory=args.device_memory,
+              host_memory=args.host_memory, policy=args.policy, dtype=args.dtype,
+              device=args.device, block_size=args.block_size)
+    (out,) = llm.generate(args.prompt, adapter=args.use_adapter, sampling=sampling)
+    if args.json:
+        print(json.dumps({"text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason}))
+    else:
+        print(out.text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,213 @@
+"""The LLM API end to end on a tiny model: outputs against transformers + peft, cache
+reuse in every form (I4), sampling, the CLI, errors and the asyncio front.
+
+Fixture `served` (llmsetup): tiny Llama (vocab 128, context 256), a word-level tokenizer
+("w005 w017" <-> [5, 17], </s> = 2), adapters a and b. Block size 4 tokens:
+a block is 4 tokens x 2 layers x K,V x 2 heads x 16 x 4 bytes = 2 KiB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from llmsetup import served_setup, text, word
+from tinymodels import tokens
+
+from fastlibra.cache import RequestTooLarge, Tier, UnknownAdapter
+from fastlibra.cache.tree import KVNode
+from fastlibra.cli import main
+from fastlibra.llm import LLM, AsyncLLM, PromptTooLong
+from fastlibra.model.sampling import SamplingParams
+
+torch.set_num_threads(1)
+
+KIB = 1024
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture
+def served(tmp_path_factory):
+    return served_setup(tmp_path_factory)
+
+
+def make_llm(served, device_kib=256, host_kib=256, **kw) -> LLM:
+    base, adapters, _ = served
+    return LLM(base, adapters, device_memory=device_kib * KIB, host_memory=host_kib * KIB,
+               block_size=4, dtype="float32", device="cpu", **kw)
+
+
+def test_mixed_adapters_in_one_call_match_peft_greedy(served):
+    _, _, ref = served
+    llm = make_llm(served)
+    prompts = [tokens(9, 1), tokens(14, 2), tokens(5, 3), tokens(11, 4), tokens(7, 5)]
+    adapters = [None, "a", "b", "a", None]
+    outs = llm.generate(prompts, adapter=adapters, sampling=GREEDY)
+    for p, ad, out in zip(prompts, adapters, outs, strict=True):
+        assert out.token_ids == ref.greedy(p, ad, 8)
+        assert out.finish_reason == "length"
+        assert out.text == " " + text(out.token_ids)
+    llm.cache.check_invariants()
+
+
+def device_kv(llm: LLM, adapter: str | None) -> list[KVNode]:
+    """Device KV nodes under `adapter`, deepest first (the order leaves can leave in)."""
+    nodes = [n for n in llm.cache.nodes() if isinstance(n, KVNode)
+             and n.adapter is llm.cache.adapter(adapter) and n.tier is Tier.DEVICE]
+    return sorted(nodes, key=lambda n: -n.end)
+
+
+def test_i4_prefix_kv_computed_hit_swapped_or_recomputed_gives_the_same_output(served):
+    """One 12-token prefix (3 blocks) under adapter a, four ways:
+
+        1. computed now            prefix + s1   cached 0
+        2. device hit              prefix + s2   cached 12 (the prefix blocks of 1)
+        3. swapped to host, back   prefix + s3   every device KV node moved to host, the
+                                                 device arena overwritten with noise
+        4. dropped, recomputed     prefix + s1   cache cleared: cached 0
+    Each continuation equals transformers + peft, so all four agree with each other."""
+    _, _, ref = served
+    llm = make_llm(served)
+    prefix = tokens(12, 60)
+    s1, s2, s3 = tokens(3, 61), tokens(5, 62), tokens(2, 63)
+    stats = llm.cache.stats
+
+    (first,) = llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    assert first.cached_tokens == 0
+    assert first.token_ids == ref.greedy(prefix + s1, "a", 8)
+
+    (hit,) = llm.generate(prefix + s2, adapter="a", sampling=GREEDY)
+    assert hit.cached_tokens == 12 and stats.device_hit_tokens == 12
+    assert hit.token_ids == ref.greedy(prefix + s2, "a", 8)
+
+    for node in device_kv(llm, "a"):
+        llm.cache.move(node, Tier.HOST, llm.engine.now)
+    assert not device_kv(llm, "a")
+    llm.runner.kv.data.normal_(0, 10)  # only the swap-in can bring the prefix back
+    (swapped,) = llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
+    assert swapped.cached_tokens == 12 and stats.host_hit_tokens == 12
+    assert swapped.token_ids == ref.greedy(prefix + s3, "a", 8)
+
+    llm.cache.clear()
+    (again,) = llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    assert again.cached_tokens == 0
+    assert again.token_ids == first.token_ids
+    llm.cache.check_invariants()
+
+
+def test_small_device_pool_swaps_and_stays_exact(served):
+    """40 device blocks (80 KiB) for two adapters (14 + 16 blocks) and the KV of
+    two-turn conversations: the swapper moves adapters and KV to host and back while
+    every output still equals transformers + peft."""
+    _, _, ref = served
+    llm = make_llm(served, device_kib=80, host_kib=512)
+    sessions = [(tokens(13, 70 + i), ad) for i, ad in enumerate(["a", "b", None, "a", "b"])]
+    for turn in range(2):
+        for i, (prompt, ad) in enumerate(sessions):
+            (out,) = llm.generate(prompt, adapter=ad, sampling=GREEDY)
+            assert out.token_ids == ref.greedy(prompt, ad, 8), (turn, i)
+            sessions[i] = (prompt + out.token_ids + tokens(3, 90 + i), ad)
+    st = llm.cache.stats
+    assert st.swap_outs > 0 and st.swap_ins > 0 and st.host_hit_tokens > 0
+    llm.cache.check_invariants()
+
+
+def test_sampling_seed_greedy_top_k_stop_and_length(served):
+    llm = make_llm(served)
+    prompt = text(tokens(10, 80))
+    greedy = llm.generate(prompt, sampling=SamplingParams(temperature=0, max_tokens=10,
+                                                          ignore_eos=True))[0]
+    warm = SamplingParams(temperature=1.5, seed=3, max_tokens=10, ignore_eos=True)
+    a, b = llm.generate([prompt, prompt], sampling=warm)
+    c = llm.generate(prompt, sampling=warm)[0]
+    assert a.token_ids == b.token_ids == c.token_ids
+    assert a.token_ids != greedy.token_ids  # the draw is not the argmax path
+    other = llm.generate(prompt, sampling=SamplingParams(temperature=1.5, seed=4, max_tokens=10,
+                                                         ignore_eos=True))[0]
+    assert other.token_ids != a.token_ids
+    top1 = llm.generate(prompt, sampling=SamplingParams(top_k=1, seed=5, max_tokens=10,
+                                                        ignore_eos=True))[0]
+    assert top1.token_ids == greedy.token_ids
+
+    stop = word(greedy.token_ids[3])
+    cut = llm.generate(prompt, sampling=SamplingParams(temperature=0, max_tokens=10,
+                                                       ignore_eos=True, stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == greedy.text[:greedy.text.index(stop)]
+    assert cut.token_ids == greedy.token_ids[:len(cut.token_ids)]
+    assert len(cut.token_ids) <= 4
+    short = llm.generate(prompt, sampling=SamplingParams(temperature=0, max_tokens=3,
+                                                         ignore_eos=True))[0]
+    assert (short.token_ids, short.finish_reason) == (greedy.token_ids[:3], "length")
+    assert not llm.cache.running  # stopped requests gave their blocks back
+
+
+def test_cli_generate_json(served, capsys):
+    base, adapters, ref = served
+    prompt = tokens(8, 85)
+    rc = main(["generate", "--model", str(base), "--adapter", f"a={adapters['a']}",
+               "--adapter", f"b={adapters['b']}", "--use-adapter", "b", "--prompt",
+               text(prompt), "--max-tokens", "6", "--json", "--device-memory", "256KiB",
+               "--host-memory", "256KiB", "--block-size", "4", "--device", "cpu"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    want = ref.greedy(prompt, "b", 6)
+    if 2 in want:  # </s> ends the request (the CLI does not ignore EOS)
+        want = want[:want.index(2) + 1]
+    assert data["token_ids"] == want
+    assert data["text"].split() == [word(t) for t in want if t != 2]
+
+
+def test_unknown_adapter_and_too_long_prompt(served, capsys):
+    llm = make_llm(served)
+    with pytest.raises(UnknownAdapter, match=r"unknown adapter 'zz'; registered: a, b"):
+        llm.generate([tokens(5, 1), tokens(5, 2)], adapter=[None, "zz"])
+    with pytest.raises(PromptTooLong, match=r"300 tokens but the model's context is 256 tokens"):
+        llm.generate(tokens(300, 3))
+    with pytest.raises(RequestTooLarge, match=r"pool holds"):
+        make_llm(served, device_kib=40).generate(tokens(100, 4))  # 20 blocks
+    assert not llm.has_unfinished  # nothing was queued by the failed calls
+    base, _, _ = served
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(base), "--use-adapter", "zz", "--prompt", "w005",
+              "--device-memory", "64KiB", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "unknown adapter 'zz'" in capsys.readouterr().err
+
+
+def test_async_stream_and_abort_frees_blocks_at_once(served):
+    """Two streams at once; the long one is aborted after its first delta: its blocks go
+    back before abort returns, its stream ends with "abort", the other one completes."""
+    _, _, ref = served
+    llm = make_llm(served)
+    engine = AsyncLLM(llm)
+    short_prompt, long_prompt = tokens(7, 90), tokens(9, 91)
+
+    async def collect(prompt, adapter, params, rid, abort_after=None):
+        deltas = []
+        async for d in engine.generate_stream(prompt, adapter, params, request_id=rid):
+            deltas.append(d)
+            if abort_after is not None and len(deltas) == abort_after:
+                assert rid in llm.cache.running
+                assert engine.abort(rid)
+                assert rid not in llm.cache.running
+                assert rid not in llm.engine.scheduler.allocs
+        return deltas
+
+    async def both():
+        return await asyncio.gather(
+            collect(short_prompt, "a", GREEDY, "short"),
+            collect(long_prompt, None, SamplingParams(temperature=0, max_tokens=200,
+                                                      ignore_eos=True), "long", 1))
+
+    short, long = asyncio.run(both())
+    ids = [t for d in short for t in d.token_ids]
+    assert ids == ref.greedy(short_prompt, "a", 8)
+    assert "".join(d.text for d in short) == " " + text(ids)
+    assert short[-1].finish_reason == "length"
+    assert long[-1].finish_reason == "abort" and len(long) == 2
+    assert not llm.cache.running and not llm.has_unfinished
+    llm.cache.check_invariants()
+
