@@ -1,0 +1,56 @@
+"""`fastlibra bench replay` end to end at a tiny size: a few seconds of real-time replay
+through two policies; the JSON has every key and the measurements are positive and
+finite (no timing thresholds: this box is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from fastlibra.cli import main
+
+TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
+        "--intermediate", "128", "--vocab", "256", "--adapters", "3", "--rank-hi", "8",
+        "--rank-lo", "4", "--system-len", "16", "--user-len", "8", "--answer-len", "4",
+        "--duration", "2", "--rate", "3", "--think", "0.2", "--mean-turns", "2",
+        "--conversations", "2", "--threads", "1", "--seed", "1"]
+
+
+def positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_bench_replay_two_policies(tmp_path, capsys):
+    out = tmp_path / "replay.json"
+    assert main(["bench", "replay", *TINY, "--policy", "fastlibra,vllm",
+                 "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "fastlibra mean TTFT vs vllm" in table
+
+    res = json.loads(out.read_text())
+    assert {"machine", "model", "workload", "budget", "policies", "ttft_reduction_vs",
+            "target", "requests"} <= set(res)
+    assert res["machine"]["torch_threads"] == 1
+    assert res["model"]["hidden"] == 64 and res["model"]["adapters"] == 3
+    turns = res["workload"]["turns"]
+    assert turns >= res["workload"]["sessions"] >= 1
+    assert positive(res["budget"]["device_bytes"])
+    assert res["budget"]["host_bytes"] > res["budget"]["device_bytes"]
+    assert set(res["policies"]) == {"fastlibra", "vllm"}
+    for p, r in res["policies"].items():
+        assert r["requests"] == turns, p  # every turn, follow-ups included, was served
+        for key in ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "wall_s", "mean_step_ms",
+                    "prompt_tokens"):
+            assert positive(r[key]), (p, key, r)
+        assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+        for key in ("device_hit_rate", "host_hit_rate"):
+            assert 0.0 <= r[key] <= 1.0, (p, key)
+        detail = res["requests"][p]
+        assert len(detail) == turns
+        for d in detail:
+            assert positive(d["ttft"])
+            assert d["finish_reason"] == "length"
+        # follow-up turns extend what the model generated, so the reusing policies hit
+    assert res["policies"]["fastlibra"]["device_hit_rate"] > 0
+    assert math.isfinite(res["ttft_reduction_vs"]["vllm"])
+    assert isinstance(res["target"]["met"], bool)
