@@ -257,7 +257,7 @@ def _dispatch(args) -> int:
     if args.command == "generate":
         return _generate(args)
     if args.command == "bench" and args.bench == "cache":
-        from fastlibra.bench import run_cache_bench
+        from fastlibra.cache.bench import run_cache_bench
         return run_cache_bench(args)
     if args.command == "bench" and args.bench == "scale":
         from fastlibra.sim.scale import run_scale

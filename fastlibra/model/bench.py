@@ -192,7 +192,7 @@ def _prefill_case(runner, hf, args) -> dict:
 
 
 def _machine(threads: int) -> dict:
-    from fastlibra.bench import code_version, machine_info
+    from fastlibra.machine import code_version, machine_info
 
     return {**machine_info(), "torch": torch.__version__, "torch_threads": threads,
             **code_version()}

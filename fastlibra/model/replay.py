@@ -219,7 +219,7 @@ def _reductions(results: dict[str, dict]) -> dict[str, float]:
 
 
 def run_replay(args) -> int:
-    from fastlibra.bench import code_version, machine_info
+    from fastlibra.machine import code_version, machine_info
 
     torch.set_num_threads(args.threads)
     spec = workload_spec(args)

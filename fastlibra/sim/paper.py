@@ -707,7 +707,7 @@ def command_line(args) -> str:
 
 
 def run_paper(args) -> int:
-    from fastlibra.bench import code_version, machine_info
+    from fastlibra.machine import code_version, machine_info
 
     t_start = time.perf_counter()
     quick = args.quick

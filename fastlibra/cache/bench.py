@@ -24,10 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import platform
 import random
-import subprocess
 import sys
 import time
 from collections import deque
@@ -38,6 +35,7 @@ from tqdm import tqdm
 
 from fastlibra.cache import CacheManager, CountingMover, Tier, get_policy
 from fastlibra.config import CacheConfig, LoraShape, ModelShape
+from fastlibra.machine import code_version, machine_info
 
 MODEL = ModelShape("llama-2-7b-like", num_layers=32, hidden_size=4096, num_heads=32,
                    num_kv_heads=32, intermediate_size=11008, dtype_bytes=2)
@@ -494,37 +492,6 @@ def run_policy(policy: str, sizes: BenchSizes, steps: int, seed: int,
 
 
 # -- reporting --------------------------------------------------------------------------
-def machine_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": model,
-            "cpu_count": os.cpu_count(),
-            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-            else None,
-            "python": platform.python_version(),
-            "implementation": platform.python_implementation()}
-
-
-def code_version() -> dict:
-    """The commit measured (and whether the tree had uncommitted changes), if in git."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
-                             capture_output=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, text=True,
-                               capture_output=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": rev, "dirty": bool(dirty)} if rev else {}
-
-
 def _table(runs: dict[str, dict], baseline: str | None) -> str:
     head = (f"{'policy':<16} {'step_ms':>8} {'p99_ms':>7} {'alloc_us':>9} {'append_us':>9} "
             f"{'free_us':>8} {'tick_us':>8} {'match/s':>9} {'nodes':>8} {'KV dev/host':>15} "
