@@ -60,6 +60,37 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
+def _workload_args(replay: argparse.ArgumentParser) -> None:
+    """`bench replay`'s model, workload and budget flags (shared with `bench fidelity`)."""
+    replay.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora"])
+    replay.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    replay.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of session arrivals (default 60; turns run past it)")
+    replay.add_argument("--rate", type=float, default=1.0, help="new sessions/s (default 1)")
+    replay.add_argument("--think", type=float, default=1.5,
+                        help="mean think time between turns, s (default 1.5)")
+    replay.add_argument("--mean-turns", type=float, default=4.0)
+    replay.add_argument("--zipf", type=float, default=1.0)
+    replay.add_argument("--system-len", type=int, default=64, help="system prompt tokens (mean)")
+    replay.add_argument("--user-len", type=int, default=32, help="user message tokens (mean)")
+    replay.add_argument("--answer-len", type=int, default=16, help="answer tokens (mean)")
+    replay.add_argument("--adapters", type=int, default=6)
+    replay.add_argument("--rank-hi", type=int, default=16, help="rank of even adapters")
+    replay.add_argument("--rank-lo", type=int, default=8, help="rank of odd adapters")
+    for flag, default in (("--hidden", 256), ("--layers", 4), ("--heads", 8),
+                          ("--kv-heads", 2), ("--intermediate", 688), ("--vocab", 32000)):
+        replay.add_argument(flag, type=int, default=default,
+                            help=f"model shape (default {default})")
+    replay.add_argument("--conversations", type=int, default=4,
+                        help="device budget = adapters + this many 256-token KV contexts")
+    replay.add_argument("--device-memory", type=_bytes, default=None,
+                        help="device pool bytes (overrides --conversations)")
+    replay.add_argument("--host-memory", type=_bytes, default=None,
+                        help="host pool bytes (default 8x the device pool)")
+    replay.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    replay.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastlibra", description="Multi-LoRA serving with a "
                                      "dependency-aware unified LoRA/KV cache.")
@@ -180,33 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay = bsub.add_parser("replay", help="a multi-turn multi-adapter chatbot replayed in "
                              "real time on the real engine (random Llama + PEFT adapters), "
                              "once per policy, same device budget")
-    replay.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora"])
-    replay.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    replay.add_argument("--duration", type=float, default=60.0,
-                        help="seconds of session arrivals (default 60; turns run past it)")
-    replay.add_argument("--rate", type=float, default=1.0, help="new sessions/s (default 1)")
-    replay.add_argument("--think", type=float, default=1.5,
-                        help="mean think time between turns, s (default 1.5)")
-    replay.add_argument("--mean-turns", type=float, default=4.0)
-    replay.add_argument("--zipf", type=float, default=1.0)
-    replay.add_argument("--system-len", type=int, default=64, help="system prompt tokens (mean)")
-    replay.add_argument("--user-len", type=int, default=32, help="user message tokens (mean)")
-    replay.add_argument("--answer-len", type=int, default=16, help="answer tokens (mean)")
-    replay.add_argument("--adapters", type=int, default=6)
-    replay.add_argument("--rank-hi", type=int, default=16, help="rank of even adapters")
-    replay.add_argument("--rank-lo", type=int, default=8, help="rank of odd adapters")
-    for flag, default in (("--hidden", 256), ("--layers", 4), ("--heads", 8),
-                          ("--kv-heads", 2), ("--intermediate", 688), ("--vocab", 32000)):
-        replay.add_argument(flag, type=int, default=default,
-                            help=f"model shape (default {default})")
-    replay.add_argument("--conversations", type=int, default=4,
-                        help="device budget = adapters + this many 256-token KV contexts")
-    replay.add_argument("--device-memory", type=_bytes, default=None,
-                        help="device pool bytes (overrides --conversations)")
-    replay.add_argument("--host-memory", type=_bytes, default=None,
-                        help="host pool bytes (default 8x the device pool)")
-    replay.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    replay.add_argument("--seed", type=int, default=0)
+    _workload_args(replay)
+
+    fid = bsub.add_parser("fidelity", help="the simulator against the real engine: bench "
+                          "replay per policy, a CPU profile fitted to the real runner, then "
+                          "simulate() on the same workload; real vs simulated mean TTFT")
+    _workload_args(fid)
+    fid.add_argument("--reps", type=int, default=5, help="timed runs per profile point")
+    fid.add_argument("--quick-profile", action="store_true",
+                     help="fewer profile points (tests)")
 
     paper = bsub.add_parser("paper", help="the paper's grid in the simulator: pairs x workloads "
                             "x adapters x rates, every policy, vllm-oracle and a lower bound")
@@ -265,6 +278,9 @@ def _dispatch(args) -> int:
     if args.command == "bench" and args.bench == "model":
         from fastlibra.model.bench import run_model_bench
         return run_model_bench(args)
+    if args.command == "bench" and args.bench == "fidelity":
+        from fastlibra.sim.fidelity import run_fidelity
+        return run_fidelity(args)
     if args.command == "bench" and args.bench == "replay":
         from fastlibra.model.replay import run_replay
         return run_replay(args)

@@ -38,6 +38,15 @@ MODELS: dict[str, ModelShape] = {
 }
 
 
+STEP_OVERHEAD_S = 1.5e-3
+"""Scheduling, sampling and launch overhead of one engine step."""
+PER_SEQ_OVERHEAD_S = 8e-6
+LORA_LAUNCH_S = 20e-6
+"""Extra kernel launches per distinct adapter in a batch (SGMV segment setup)."""
+ADAPTER_PARSE_S = 0.005
+"""Fixed cost to open and parse an adapter file."""
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     """Data-sheet numbers (dense BF16) and the links around one GPU."""
@@ -54,6 +63,11 @@ class GpuSpec:
     """Fraction of peak FLOP/s reached by large GEMMs."""
     mbu: float = 0.8
     """Fraction of peak HBM bandwidth reached by streaming reads."""
+    step_overhead_s: float = STEP_OVERHEAD_S
+    per_seq_overhead_s: float = PER_SEQ_OVERHEAD_S
+    lora_launch_s: float = LORA_LAUNCH_S
+    adapter_parse_s: float = ADAPTER_PARSE_S
+    """Overrides for measured profiles (`fastlibra.sim.fidelity`); GPUs keep the defaults."""
 
 
 GPUS: dict[str, GpuSpec] = {
@@ -66,11 +80,6 @@ GPUS: dict[str, GpuSpec] = {
     ]
 }
 
-STEP_OVERHEAD_S = 1.5e-3
-"""Scheduling, sampling and launch overhead of one engine step."""
-PER_SEQ_OVERHEAD_S = 8e-6
-LORA_LAUNCH_S = 20e-6
-"""Extra kernel launches per distinct adapter in a batch (SGMV segment setup)."""
 ALLREDUCE_LATENCY_S = 8e-6
 ACTIVATION_RESERVE = 0.08
 """Share of HBM kept for activations, CUDA graphs and fragmentation."""
@@ -136,14 +145,14 @@ class SimProfile:
         if num_adapters:
             lora_bytes = self.lora.nbytes(m)
             lora_flops = 2 * tokens * lora_bytes / m.dtype_bytes
-            lora = num_adapters * (LORA_LAUNCH_S + lora_bytes / (tp * g.hbm_bandwidth * g.mbu))
+            lora = num_adapters * (g.lora_launch_s + lora_bytes / (tp * g.hbm_bandwidth * g.mbu))
             lora += lora_flops / (tp * g.flops * g.mfu)
         comm = 0.0
         if tp > 1:
             msg = tokens * m.hidden_size * m.dtype_bytes
             comm = 2 * m.num_layers * (ALLREDUCE_LATENCY_S
                                        + 2 * (tp - 1) / tp * msg / g.nvlink_bandwidth)
-        overhead = STEP_OVERHEAD_S + PER_SEQ_OVERHEAD_S * (len(prefills) + num_decodes)
+        overhead = g.step_overhead_s + g.per_seq_overhead_s * (len(prefills) + num_decodes)
         return max(compute, memory) + lora + comm + overhead
 
     def prefill_time(self, new_tokens: int, prefix: int = 0) -> float:
@@ -162,6 +171,6 @@ class SimProfile:
         return HardwareProfile(
             name=f"{g.name}x{tp}", h2d_bandwidth=g.pcie_bandwidth * tp,
             d2h_bandwidth=g.pcie_bandwidth * tp, disk_bandwidth=g.disk_bandwidth,
-            adapter_parse_s=0.005, prefill_base=base,
+            adapter_parse_s=g.adapter_parse_s, prefill_base=base,
             prefill_per_token=max(0.0, per_token - pair * (n1 + n2) / 2),
             prefill_per_token_pair=pair)

@@ -1,0 +1,425 @@
+"""`fastlibra bench fidelity`: does the simulator predict the real engine?
+
+    profile      time the real `ModelRunner.forward` (+ argmax) on this machine: prefills of
+                 a few lengths (with and without a cached prefix), decode batches of a few
+                 sizes and contexts, with and without adapters; the arena's block copy
+                 bandwidth; reading the adapter files. Fit a `GpuSpec` named `cpu`
+                 (flops = effective FLOP/s, hbm_bandwidth = effective bytes/s of weight +
+                 KV reads, mfu = mbu = 1, pcie = block copies, disk = adapter reads) and its
+                 step / per-sequence / per-adapter overheads, so that
+                 `SimProfile(tiny model, cpu).step_time` reproduces the measured step times
+    real         `bench replay`'s model, adapters, workload and budgets, replayed in real time
+                 per policy through the real engine (`replay_policy`)
+    simulated    `simulate()` on the same requests with the fitted profile, the same device
+                 and host bytes and the real engine's scheduler settings
+                 (`max_batched_tokens=2048`, `layerwise_copies=False`: the real runner copies
+                 synchronously) and the real engine's cost-model profile (`HardwareProfile()`)
+    reported     per policy real vs simulated mean TTFT and their relative error
+                 (target: within 20 %)
+
+The fit: step_time = max(a*F, b*M) + a*F_lora + b*B_lora + c_lora*adapters + c0 + c1*seqs
+(F: FLOPs, M: weight + KV bytes, the same terms as `SimProfile.step_time`). Whether a point
+is compute- or memory-bound is a threshold on F/M, so every threshold split is fitted by
+non-negative least squares on relative errors and the best split under the true (max) model
+wins.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from fastlibra.config import HardwareProfile, LoraShape, ModelShape, SchedulerConfig
+from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile
+
+TARGET_REL_ERROR = 0.20
+BLOCK_SIZE = 16
+REAL_SCHEDULER = SchedulerConfig(max_num_seqs=256, max_batched_tokens=2048,
+                                 layerwise_copies=False)
+"""What `LLM` builds its engine with (llm.py)."""
+
+
+def _status(msg: str) -> None:
+    print(f"[bench fidelity] {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured step: the arguments of `SimProfile.step_time` and its seconds."""
+
+    prefills: tuple[tuple[int, int], ...]
+    decode_ctx_sum: int
+    num_decodes: int
+    num_adapters: int
+    seconds: float
+    label: str = ""
+
+
+# -- the fit -----------------------------------------------------------------------------
+def _terms(model: ModelShape, lora: LoraShape, p: Point) -> tuple[float, ...]:
+    """(F, M, F_lora, B_lora, adapters, seqs) of `SimProfile.step_time` at tp = 1."""
+    tokens = sum(n for n, _ in p.prefills) + p.num_decodes
+    width = model.num_heads * model.head_dim
+    attn = sum(4 * model.num_layers * width * n * (q + n / 2) for n, q in p.prefills)
+    attn += 4 * model.num_layers * width * p.decode_ctx_sum
+    flops = 2 * model.num_params * tokens + attn
+    kv = (p.decode_ctx_sum + sum(q + n for n, q in p.prefills)) * model.kv_bytes_per_token
+    mem = model.num_params * model.dtype_bytes + kv
+    lb = lora.nbytes(model)
+    lflops = 2 * tokens * lb / model.dtype_bytes if p.num_adapters else 0.0
+    return (flops, mem, lflops, p.num_adapters * lb, p.num_adapters,
+            len(p.prefills) + p.num_decodes)
+
+
+def _nnls(cols: list[list[float]], y: list[float]) -> list[float]:
+    """Non-negative least squares by dropping the most negative coefficient and refitting."""
+    active = list(range(len(cols)))
+    while active:
+        x = torch.tensor([[cols[j][i] for j in active] for i in range(len(y))],
+                         dtype=torch.float64)
+        scale = x.abs().amax(0).clamp_min(1e-300)
+        sol = torch.linalg.lstsq(x / scale, torch.tensor(y, dtype=torch.float64)[:, None],
+                                 driver="gelsd").solution[:, 0] / scale
+        if (sol >= 0).all():
+            coef = [0.0] * len(cols)
+            for j, v in zip(active, sol.tolist(), strict=True):
+                coef[j] = v
+            return coef
+        active.pop(int(sol.argmin()))
+    return [0.0] * len(cols)
+
+
+def _predict(coef: list[float], t: tuple[float, ...]) -> float:
+    a, b, c0, c1, c2 = coef
+    f, m, lf, lb, nad, nseq = t
+    return max(a * f, b * m) + a * lf + b * lb + c2 * nad + c0 + c1 * nseq
+
+
+def fit_spec(model: ModelShape, lora: LoraShape, points: list[Point], *,
+             pcie_bandwidth: float, disk_bandwidth: float, adapter_parse_s: float,
+             memory_bytes: int = 64 * GiB, name: str = "cpu") -> GpuSpec:
+    """The `GpuSpec` (mfu = mbu = 1) whose `SimProfile.step_time` best matches `points`
+    in relative error."""
+    if len(points) < 5:
+        raise ValueError("the profile fit needs at least 5 measured steps")
+    terms = [_terms(model, lora, p) for p in points]
+    ys = [p.seconds for p in points]
+    ratio = sorted({t[0] / t[1] for t in terms})
+    thresholds = [0.0] + [r * (1 + 1e-9) for r in ratio]  # compute-bound iff F/M >= thr
+    best: tuple[float, list[float]] | None = None
+    for thr in thresholds:
+        ind = [t[0] / t[1] >= thr for t in terms]
+        rows = [(t[0] * c + t[2], t[1] * (not c) + t[3], 1.0, t[5], t[4])
+                for t, c in zip(terms, ind, strict=True)]
+        cols = [[r[j] / y for r, y in zip(rows, ys, strict=True)] for j in range(5)]
+        coef = _nnls(cols, [1.0] * len(ys))
+        if coef[0] <= 0:
+            continue
+        if coef[1] <= 0:  # memory never binds: the largest b that keeps it so
+            coef[1] = min(coef[0] * t[0] / t[1] for t in terms)
+        err = sum((_predict(coef, t) / y - 1) ** 2 for t, y in zip(terms, ys, strict=True))
+        if best is None or err < best[0]:
+            best = (err, coef)
+    if best is None:
+        raise ValueError("no compute term fits the measured steps")
+    a, b, c0, c1, c2 = best[1]
+    return GpuSpec(name, memory_bytes, flops=1 / a, hbm_bandwidth=1 / b,
+                   pcie_bandwidth=pcie_bandwidth, nvlink_bandwidth=pcie_bandwidth,
+                   disk_bandwidth=disk_bandwidth, mfu=1.0, mbu=1.0, step_overhead_s=c0,
+                   per_seq_overhead_s=c1, lora_launch_s=c2, adapter_parse_s=adapter_parse_s)
+
+
+def compare(profile: SimProfile, points: list[Point]) -> list[dict]:
+    """Measured against `profile.step_time`, point by point."""
+    out = []
+    for p in points:
+        fit = profile.step_time(list(p.prefills), p.decode_ctx_sum, p.num_decodes,
+                                p.num_adapters)
+        out.append({"label": p.label, "measured_ms": 1e3 * p.seconds, "fitted_ms": 1e3 * fit,
+                    "rel_error": fit / p.seconds - 1})
+    return out
+
+
+# -- measuring the real runner -------------------------------------------------------------
+def _median_time(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _plan(quick: bool) -> list[tuple[str, list[tuple[int, int, int]], int]]:
+    """(label, [(new tokens, prefix, adapter index or -1)], ...) per point; a seq with one
+    new token and prefix > 0 is a decode."""
+    pre = [16, 64, 256] if quick else [16, 64, 128, 256, 512]
+    plan: list[tuple[str, list[tuple[int, int, int]], int]] = []
+    for n in pre:
+        plan.append((f"prefill {n}", [(n, 0, -1)], 0))
+    for n, q in ([(32, 256)] if quick else [(32, 256), (128, 384), (64, 768)]):
+        plan.append((f"prefill {n} after {q} cached", [(n, q, -1)], 0))
+    plan.append(("prefill 64, adapter", [(64, 0, 0)], 0))
+    plan.append(("prefill 2x64, 2 adapters", [(64, 0, 0), (64, 0, 1)], 0))
+    if not quick:
+        plan.append(("prefill 256, adapter", [(256, 0, 0)], 0))
+    batches = [1, 4, 16] if quick else [1, 2, 4, 8, 16, 32]
+    ctxs = [64, 256] if quick else [64, 256, 512]
+    for b in batches:
+        for c in ctxs:
+            plan.append((f"decode b={b} ctx={c}", [(1, c, -1)] * b, 0))
+    plan.append(("decode b=4 ctx=128, 2 adapters", [(1, 128, i % 2) for i in range(4)], 0))
+    plan.append(("decode b=8 ctx=128, 4 adapters", [(1, 128, i % 4) for i in range(8)], 0))
+    plan.append(("prefill 64 + decode b=4 ctx=128", [(64, 0, -1)] + [(1, 128, -1)] * 4, 0))
+    return plan
+
+
+def measure_engine_overhead(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
+                            max_rank: int = 16, requests: int = 8, tokens: int = 16) -> float:
+    """Seconds per step the real engine spends outside the model (scheduling, cache
+    bookkeeping, output tracking): `LLM.step` wall time minus the executor's measured
+    forward + sampling, over a small batch of adapter requests."""
+    from fastlibra.llm import LLM
+    from fastlibra.model.sampling import SamplingParams
+
+    llm = LLM(model_dir, {k: str(v) for k, v in adapter_dirs.items()}, dtype="float32",
+              device="cpu", block_size=BLOCK_SIZE, max_lora_rank=max_rank)
+    inner = llm.executor.execute
+    spent = [0.0]
+
+    def execute(batch, now):
+        out = inner(batch, now)
+        spent[0] += out.duration
+        return out
+
+    llm.executor.execute = execute
+    names = sorted(adapter_dirs) or [None]
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(requests):
+        llm.add_request(torch.randint(3, llm.model_config.vocab_size, (48,),
+                                      generator=gen).tolist(), names[i % len(names)], params)
+    wall, steps = 0.0, 0
+    llm.step()  # warm-up (admission, first prefill)
+    spent[0] = 0.0
+    while llm.has_unfinished:
+        t = time.perf_counter()
+        llm.step()
+        wall += time.perf_counter() - t
+        steps += 1
+    return max(0.0, (wall - spent[0]) / max(1, steps))
+
+
+def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
+                        reps: int = 5, quick: bool = False, max_rank: int = 16,
+                        engine_overhead: bool = True, verbose: bool = True) -> dict:
+    """Time the real runner on this machine and fit `GpuSpec('cpu')` to it.
+
+    Returns {"spec": GpuSpec, "profile": SimProfile, "points": [Point], "comparison",
+    "copy_bandwidth", "disk"}."""
+    from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model
+
+    weights = load_model(model_dir, dtype=torch.float32, device="cpu")
+    cfg = weights.config
+    shape = cfg.shape(dtype_bytes=4)
+    plan = _plan(quick)
+    per_seq = [[-(-(n + q + 1) // BLOCK_SIZE) for n, q, _ in seqs] for _, seqs, _ in plan]
+    blocks = max(max(sum(x) for x in per_seq), 64)
+    runner = ModelRunner(weights, KVCache(cfg, blocks, BLOCK_SIZE, torch.float32, "cpu"))
+    names = sorted(adapter_dirs)
+    disk: list[tuple[int, float]] = []
+    ranks = []
+    for name in names:
+        t = time.perf_counter()
+        ad = load_adapter(adapter_dirs[name], cfg, max_rank=max_rank, name=name,
+                          dtype=torch.float32, device="cpu")
+        disk.append((ad.nbytes, time.perf_counter() - t))
+        ranks.append(ad.rank)
+        runner.add_adapter(ad)
+    gen = torch.Generator().manual_seed(0)
+    points: list[Point] = []
+    for (label, seqs, _), sizes in zip(plan, per_seq, strict=True):
+        inputs, start = [], 0
+        for (n, q, ai), nb in zip(seqs, sizes, strict=True):
+            toks = torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist()
+            inputs.append(SeqInput(toks, q, list(range(start, start + nb)),
+                                   names[ai % len(names)] if ai >= 0 and names else None))
+            start += nb
+
+        def step(inputs=inputs) -> None:
+            runner.forward(inputs).argmax(-1).tolist()
+
+        secs = _median_time(step, reps)
+        pre = tuple((n, q) for n, q, _ in seqs if not (n == 1 and q > 0))
+        dec = [(n, q) for n, q, _ in seqs if n == 1 and q > 0]
+        used = {ai for _, _, ai in seqs if ai >= 0}
+        points.append(Point(pre, sum(q for _, q in dec), len(dec), len(used), secs, label))
+
+    # the arena's block copies, as ArenaMover does them
+    data = runner.kv.data
+    host = torch.empty_like(data)
+    n = min(64, data.shape[0])
+    idx = torch.arange(n)
+
+    def h2d() -> None:
+        data[idx] = host[idx].to(data.device)
+
+    def d2h() -> None:
+        host[idx] = data[idx].cpu()
+
+    nbytes = n * runner.kv.block_bytes
+    copy_bw = nbytes / statistics.fmean([_median_time(h2d, reps), _median_time(d2h, reps)])
+
+    # adapter reads: parse + bytes / bandwidth over the adapters' sizes (re-read, warm)
+    for name in names[:4]:
+        t = time.perf_counter()
+        ad = load_adapter(adapter_dirs[name], cfg, max_rank=max_rank, name=name,
+                          dtype=torch.float32, device="cpu")
+        disk.append((ad.nbytes, time.perf_counter() - t))
+    sizes = {b for b, _ in disk}
+    if len(sizes) > 1:
+        coef = _nnls([[1.0] * len(disk), [float(b) for b, _ in disk]], [s for _, s in disk])
+        parse, per_byte = coef
+    else:
+        parse, per_byte = min(s for _, s in disk), 0.0
+    disk_bw = 1 / per_byte if per_byte > 0 else 1e12
+    rank = round(statistics.fmean(ranks)) if ranks else 16
+    lora = LoraShape(rank=rank, dtype_bytes=4)
+    spec = fit_spec(shape, lora, points, pcie_bandwidth=copy_bw, disk_bandwidth=disk_bw,
+                    adapter_parse_s=parse)
+    engine_s = measure_engine_overhead(model_dir, adapter_dirs, max_rank=max_rank) \
+        if engine_overhead else 0.0
+    model_spec = spec
+    spec = replace(spec, step_overhead_s=spec.step_overhead_s + engine_s)
+    profile = SimProfile(shape, spec, 1, lora)
+    rows = compare(SimProfile(shape, model_spec, 1, lora), points)
+    if verbose:
+        _status(f"fitted {spec.name}: {spec.flops / 1e9:.2f} GFLOP/s, "
+                f"{spec.hbm_bandwidth / 1e9:.2f} GB/s reads, step {1e3 * spec.step_overhead_s:.3f}"
+                f" ms + {1e3 * spec.per_seq_overhead_s:.3f} ms/seq + "
+                f"{1e3 * spec.lora_launch_s:.3f} ms/adapter; copies {copy_bw / 1e9:.2f} GB/s, "
+                f"adapter read {1e3 * parse:.2f} ms + {disk_bw / 1e9:.2f} GB/s; engine "
+                f"overhead outside the model {1e3 * engine_s:.3f} ms/step (included above)")
+        for r in rows:
+            _status(f"  {r['label']:<34} measured {r['measured_ms']:8.3f} ms  fitted "
+                    f"{r['fitted_ms']:8.3f} ms  ({r['rel_error']:+.1%})")
+    return {"spec": spec, "profile": profile, "points": points, "comparison": rows,
+            "copy_bandwidth": copy_bw, "disk": {"parse_s": parse, "bandwidth": disk_bw},
+            "engine_overhead_s": engine_s}
+
+
+# -- the benchmark -----------------------------------------------------------------------
+def _sim_setup(profile: SimProfile, device: int, host: int):
+    """`SimSetup` with the real engine's scheduler and cost-model profile."""
+    from fastlibra.sim.simulate import SimSetup
+
+    class RealEngineSetup(SimSetup):
+        def cache_config(self):
+            return replace(super().cache_config(), hardware=HardwareProfile())
+
+    return RealEngineSetup(profile, device_memory=device, host_memory=host,
+                           block_size=BLOCK_SIZE, scheduler=REAL_SCHEDULER)
+
+
+def run_fidelity(args) -> int:
+    from fastlibra.machine import code_version, machine_info
+    from fastlibra.model.replay import (
+        BLOCK_SIZE as REPLAY_BLOCK,
+    )
+    from fastlibra.model.replay import (
+        CONV_TOKENS,
+        _adapter_bytes,
+        _kv_bytes_per_token,
+        build_assets,
+        replay_policy,
+        workload_spec,
+    )
+    from fastlibra.sim.simulate import simulate
+    from fastlibra.workloads import iter_turns, make_workload
+
+    assert REPLAY_BLOCK == BLOCK_SIZE
+    torch.set_num_threads(args.threads)
+    firsts = make_workload(workload_spec(args))
+    turns = list(iter_turns(firsts))
+    if not turns:
+        raise ValueError("the workload is empty; raise --rate or --duration")
+    _status(f"torch {torch.__version__}, {args.threads} thread(s); workload {len(firsts)} "
+            f"sessions, {len(turns)} turns over {args.duration:.0f} s")
+    real: dict[str, dict] = {}
+    sim: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="fastlibra-bench-fidelity-") as tmp:
+        base, adapters = build_assets(Path(tmp), args)
+        kv_tok = _kv_bytes_per_token(args)
+        ad_bytes = _adapter_bytes(adapters)
+        device = args.device_memory or ad_bytes + args.conversations * CONV_TOKENS * kv_tok
+        host = args.host_memory or 8 * device
+        _status("measuring the CPU profile")
+        prof = measure_cpu_profile(base, adapters, reps=args.reps, quick=args.quick_profile,
+                                   max_rank=max(args.rank_hi, args.rank_lo))
+        for policy in args.policy:
+            _status(f"replaying through {policy} (real time, ~{args.duration:.0f} s + tail)")
+            real[policy] = replay_policy(policy, base, adapters,
+                                         [x.fresh_copy() for x in firsts], args, device, host)
+    setup = _sim_setup(prof["profile"], device, host)
+    for policy in args.policy:
+        sim[policy] = simulate(policy, firsts, setup)
+    policies = {}
+    for p in args.policy:
+        r, s = real[p], sim[p]
+        real_ms, sim_ms = r["ttft_mean_ms"], 1e3 * s["ttft_mean"]
+        policies[p] = {
+            "real": {"requests": r["requests"], "ttft_mean_ms": real_ms,
+                     "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"],
+                     "tpot_mean_ms": r["tpot_mean_ms"], "device_hit_rate": r["device_hit_rate"],
+                     "host_hit_rate": r["host_hit_rate"], "steps": r["steps"],
+                     "mean_step_ms": r["mean_step_ms"], "wall_s": r["wall_s"]},
+            "sim": {"requests": s["completed"], "ttft_mean_ms": sim_ms,
+                    "ttft_p50_ms": 1e3 * s["ttft_p50"], "ttft_p99_ms": 1e3 * s["ttft_p99"],
+                    "tpot_mean_ms": 1e3 * s["tpot_mean"], "device_hit_rate": s["device_hit_rate"],
+                    "host_hit_rate": s["host_hit_rate"]},
+            "ttft_rel_error": sim_ms / real_ms - 1 if real_ms else float("nan"),
+        }
+    worst = max(abs(v["ttft_rel_error"]) for v in policies.values())
+    spec = prof["spec"]
+    out = {
+        "machine": {**machine_info(), "torch": torch.__version__,
+                    "torch_threads": args.threads, "cpus": os.cpu_count(), **code_version()},
+        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                  "kv_heads": args.kv_heads, "intermediate": args.intermediate,
+                  "vocab": args.vocab, "dtype": "float32", "adapters": args.adapters},
+        "workload": {"generator": "chatbot", "sessions": len(firsts), "turns": len(turns),
+                     "rate": args.rate, "duration_s": args.duration, "think_mean_s": args.think,
+                     "seed": args.seed},
+        "budget": {"device_bytes": device, "host_bytes": host, "adapter_bytes": ad_bytes,
+                   "kv_bytes_per_token": kv_tok, "block_size": BLOCK_SIZE},
+        "profile": {"spec": asdict(spec), "engine_overhead_s": prof["engine_overhead_s"],
+                    "lora_rank": prof["profile"].lora.rank,
+                    "points": prof["comparison"],
+                    "fit_mean_abs_rel_error": statistics.fmean(
+                        abs(r["rel_error"]) for r in prof["comparison"])},
+        "scheduler": asdict(REAL_SCHEDULER),
+        "policies": policies,
+        "target": {"max_abs_rel_error": TARGET_REL_ERROR, "worst": worst,
+                   "met": worst <= TARGET_REL_ERROR},
+    }
+    print(f"{'policy':<10} {'reqs':>5} {'real TTFT':>10} {'sim TTFT':>10} {'error':>8} "
+          f"{'real dev hit':>12} {'sim dev hit':>11}")
+    for p, v in policies.items():
+        print(f"{p:<10} {v['real']['requests']:>5} {v['real']['ttft_mean_ms']:>8.1f}ms "
+              f"{v['sim']['ttft_mean_ms']:>8.1f}ms {v['ttft_rel_error']:>+8.1%} "
+              f"{v['real']['device_hit_rate']:>12.1%} {v['sim']['device_hit_rate']:>11.1%}")
+    print(f"worst |error| {worst:.1%} (target <= {TARGET_REL_ERROR:.0%}: "
+          f"{'met' if out['target']['met'] else 'NOT met'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        _status(f"wrote {args.json}")
+    return 0
