@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 from fastlibra.cache import CacheError
 from fastlibra.cache.policies import POLICIES
@@ -253,6 +254,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"fastlibra {args.command}: error: {e}\n")
 
 
+_BENCHMARKS = {
+    "cache": ("fastlibra.cache.bench", "run_cache_bench"),
+    "scale": ("fastlibra.sim.scale", "run_scale"),
+    "paper": ("fastlibra.sim.paper", "run_paper"),
+    "model": ("fastlibra.model.bench", "run_model_bench"),
+    "replay": ("fastlibra.model.replay", "run_replay"),
+    "fidelity": ("fastlibra.sim.fidelity", "run_fidelity"),
+}
+"""`fastlibra bench NAME` -> (module, function), imported only when run."""
+
+
 def _dispatch(args) -> int:
     if args.command == "demo":
         from fastlibra.demo import run_demo
@@ -269,24 +281,9 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
-    if args.command == "bench" and args.bench == "cache":
-        from fastlibra.cache.bench import run_cache_bench
-        return run_cache_bench(args)
-    if args.command == "bench" and args.bench == "scale":
-        from fastlibra.sim.scale import run_scale
-        return run_scale(args)
-    if args.command == "bench" and args.bench == "model":
-        from fastlibra.model.bench import run_model_bench
-        return run_model_bench(args)
-    if args.command == "bench" and args.bench == "fidelity":
-        from fastlibra.sim.fidelity import run_fidelity
-        return run_fidelity(args)
-    if args.command == "bench" and args.bench == "replay":
-        from fastlibra.model.replay import run_replay
-        return run_replay(args)
-    if args.command == "bench" and args.bench == "paper":
-        from fastlibra.sim.paper import run_paper
-        return run_paper(args)
+    if args.command == "bench":
+        module, function = _BENCHMARKS[args.bench]
+        return getattr(importlib.import_module(module), function)(args)
     raise AssertionError(args)
 
 

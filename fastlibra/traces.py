@@ -67,6 +67,23 @@ _KEYS = {"arrival", "adapter", "prompt", "prompt_len", "prefix_id", "prefix_len"
 _BLOCK, _PREFIX = 2, 3  # TokenStreams domains (fresh streams use 1)
 
 
+def _json_objects(path: Path):
+    """(1-based line number, object) for every non-blank line of a JSONL file."""
+    with path.open() as f:
+        for lineno, text in enumerate(f, 1):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise TraceError(
+                    f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise TraceError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
 class TraceError(ValueError):
     """A trace file is malformed; the message names the file, the 1-based line and the problem."""
 
@@ -138,24 +155,13 @@ def load_trace(path, *, seed: int = 0, vocab_size: int = VOCAB_SIZE, closed_loop
     blocks: dict[int, tuple[int, list[int]]] = {}
     by_id: dict[str, Request] = {}
     rows: list[tuple[Request, float | None]] = []
-    with path.open() as f:
-        for lineno, text in enumerate(f, 1):
-            if max_requests is not None and len(rows) >= max_requests:
-                break
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise TraceError(
-                    f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise TraceError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            ln = _Line(path, lineno, obj)
-            req, think = _parse(ln, lineno, toks, blocks, by_id)
-            by_id[req.request_id] = req
-            rows.append((req, think))
+    for lineno, obj in _json_objects(path):
+        if max_requests is not None and len(rows) >= max_requests:
+            break
+        ln = _Line(path, lineno, obj)
+        req, think = _parse(ln, lineno, toks, blocks, by_id)
+        by_id[req.request_id] = req
+        rows.append((req, think))
     if not closed_loop:
         reqs = [r for r, _ in rows]
     else:
@@ -327,18 +333,10 @@ def convert_mooncake(src, dst, *, num_adapters: int, zipf: float, seed: int,
     lengths: list[int] = []
     sessions: list[int] = []
     adapters: list[int] = []
-    with src.open() as f, Path(dst).open("w") as out:
-        for lineno, text in enumerate(f, 1):
+    with Path(dst).open("w") as out:
+        for lineno, obj in _json_objects(src):
             if max_requests is not None and len(lengths) >= max_requests:
                 break
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{src}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise TraceError(f"{src}:{lineno}: expected a JSON object")
             ln = _Line(src, lineno, obj)
             ts = ln.number("timestamp", required=True)
             n_in = ln.integer("input_length", 1, required=True)
