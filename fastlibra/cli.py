@@ -61,6 +61,30 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    """The model, its adapters and the engine's memory: shared by generate and serve."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="model directory "
+                        "(config.json, *.safetensors, tokenizer files)")
+    parser.add_argument("--adapter", action="append", default=[], type=_adapter_arg,
+                        metavar="NAME=PATH", help="register a PEFT adapter (repeatable)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--device-memory", type=_bytes, default=None,
+                        help="device pool for KV and adapters, e.g. 4GiB")
+    parser.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--policy", type=_policy, default="fastlibra")
+
+
+def _named_adapters(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    names = [name for name, _ in pairs]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--adapter given twice for {', '.join(dup)}")
+    return dict(pairs)
+
+
 def _workload_args(replay: argparse.ArgumentParser) -> None:
     """`bench replay`'s model, workload and budget flags (shared with `bench fidelity`)."""
     replay.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora"])
@@ -97,12 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
                                      "dependency-aware unified LoRA/KV cache.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="replay a small multi-adapter multi-turn sequence "
-                          "through every cache policy and compare them")
-    demo.add_argument("--policy", type=_policies, default=list(POLICIES),
-                      help="comma-separated policies (default: all)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    demo = sub.add_parser("demo", help="replay a multi-turn multi-adapter chat on the real "
+                          "engine (a tiny random Llama + 6 LoRAs, built once) through each "
+                          "cache policy and compare them; or --serve it over HTTP")
+    demo.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora", "sglang"],
+                      help="comma-separated policies (default fastlibra,vllm,slora,sglang; "
+                      "--serve uses the first)")
+    demo.add_argument("--seed", type=int, default=0, help="workload seed")
+    demo.add_argument("--duration", type=float, default=12.0,
+                      help="seconds of chat-session arrivals per policy (default 12; the "
+                      "last turns run past it)")
+    demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    demo.add_argument("--plot", metavar="FILE", default="out/demo.png",
+                      help="TTFT CDF and mean TTFT per policy (default out/demo.png)")
+    demo.add_argument("--serve", action="store_true",
+                      help="serve the demo model and its adapters over HTTP instead")
+    demo.add_argument("--host", default="127.0.0.1", help="with --serve (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=8000, help="with --serve (default 8000)")
 
     sim = sub.add_parser("simulate", help="compare cache policies on a workload in the "
                          "simulator (model x hardware step-time profile, no GPU needed)")
@@ -142,10 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate text with a local Hugging Face model "
                          "directory and PEFT LoRA adapters on the real model runner")
-    gen.add_argument("--model", required=True, metavar="DIR", help="model directory "
-                     "(config.json, *.safetensors, tokenizer files)")
-    gen.add_argument("--adapter", action="append", default=[], type=_adapter_arg,
-                     metavar="NAME=PATH", help="register a PEFT adapter (repeatable)")
+    _engine_args(gen)
     gen.add_argument("--use-adapter", metavar="NAME", default=None,
                      help="generate with this registered adapter (default: the base model)")
     gen.add_argument("--prompt", required=True)
@@ -155,16 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                     help="default: bfloat16 on CUDA, float32 on CPU")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    gen.add_argument("--device-memory", type=_bytes, default=None,
-                     help="device pool for KV and adapters, e.g. 4GiB")
-    gen.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
-    gen.add_argument("--block-size", type=int, default=16)
-    gen.add_argument("--policy", type=_policy, default="fastlibra")
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object: text, token_ids (generated), finish_reason")
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, "
+                           "models, LoRA load/unload, Prometheus /metrics)")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' on every /v1 route")
+    serve.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                       help="allow /v1/load_lora_adapter to read adapters under DIR "
+                       "(repeatable; none = dynamic loading off)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the base model's id in requests (default: --model as given)")
+    serve.add_argument("--max-num-seqs", type=int, default=256)
+    serve.add_argument("--max-lora-rank", type=int, default=256)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -281,6 +320,19 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "generate":
         return _generate(args)
+    if args.command == "serve":
+        from pathlib import Path
+
+        from fastlibra.server import ServerConfig, run_server
+        run_server(ServerConfig(
+            Path(args.model), {k: Path(v) for k, v in _named_adapters(args.adapter).items()},
+            host=args.host, port=args.port, policy=args.policy,
+            device_memory=args.device_memory, host_memory=args.host_memory,
+            api_key=args.api_key, adapter_roots=tuple(Path(r) for r in args.adapter_root),
+            served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
+            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+            max_lora_rank=args.max_lora_rank))
+        return 0
     if args.command == "bench":
         module, function = _BENCHMARKS[args.bench]
         return getattr(importlib.import_module(module), function)(args)
@@ -293,13 +345,10 @@ def _generate(args) -> int:
     from fastlibra.llm import LLM
     from fastlibra.model.sampling import SamplingParams
 
-    names = [name for name, _ in args.adapter]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ValueError(f"--adapter given twice for {', '.join(dup)}")
+    adapters = _named_adapters(args.adapter)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop))
-    llm = LLM(args.model, dict(args.adapter), device_memory=args.device_memory,
+    llm = LLM(args.model, adapters, device_memory=args.device_memory,
               host_memory=args.host_memory, policy=args.policy, dtype=args.dtype,
               device=args.device, block_size=args.block_size)
     (out,) = llm.generate(args.prompt, adapter=args.use_adapter, sampling=sampling)

@@ -15,15 +15,18 @@ since the LLM was built).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
+import queue
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from fastlibra.cache import CacheError, CacheManager, Policy
+from fastlibra.cache import CacheError, CacheManager, Policy, UnknownAdapter
 from fastlibra.config import CacheConfig, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
@@ -59,6 +62,12 @@ class Output:
     adapter: str | None = None
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the cache (device or host) at admission."""
+    ttft: float | None = None
+    """Seconds from arrival to the first token (None if aborted before it)."""
+    tpot: float | None = None
+    """Mean seconds per output token after the first (None with fewer than two)."""
+    e2e: float = 0.0
+    """Seconds from arrival to finish (or abort)."""
 
 
 @dataclass
@@ -69,6 +78,25 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    output: Output | None = None
+    """Set by `AsyncLLM` on a request's last delta."""
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine for monitoring (the server's /metrics reads it)."""
+
+    waiting: int
+    running: int
+    prompt_tokens: int
+    device_hit_tokens: int
+    host_hit_tokens: int
+    bytes_moved: dict[str, int]
+    """Cumulative bytes by move kind (swap_in, swap_out, load, load_host)."""
+    pool_blocks: dict[str, dict[str, int]]
+    """Blocks by kind (adapter, kv_cached, kv_running, invalid_kv, free) per pool."""
+    block_bytes: int
+    adapters: int
 
 
 @dataclass
@@ -100,7 +128,7 @@ class LLM:
         self.model_config = cfg
         self.max_model_len = cfg.max_position_embeddings
         shape = cfg.shape(dtype_bytes=torch.empty((), dtype=dt).element_size())
-        block_bytes = block_size * shape.kv_bytes_per_token
+        self.block_bytes = block_bytes = block_size * shape.kv_bytes_per_token
         if device_memory is None:
             device_memory = (int(0.8 * torch.cuda.mem_get_info(dev)[0]) if dev.type == "cuda"
                              else 256 * 2**20)
@@ -112,11 +140,12 @@ class LLM:
                              f"({block_bytes} bytes = {block_size} tokens); give it more")
         host_blocks = max(0, host_memory) // block_bytes
 
+        self.max_lora_rank = max_lora_rank
+        self.dtype = dt
         sizes: dict[str, int] = {}
         paths = {name: Path(p) for name, p in (adapters or {}).items()}
         for name, path in paths.items():  # read and check every adapter now, keep its size
-            sizes[name] = load_adapter(path, cfg, max_rank=max_lora_rank, name=name,
-                                       dtype=dt, device="cpu").nbytes
+            sizes[name] = self._adapter_bytes(name, path)
         self.runner = ModelRunner(self.weights, KVCache(cfg, device_blocks, block_size, dt, dev))
         self.mover = ArenaMover(self.runner, host_blocks, paths, max_rank=max_lora_rank,
                                 clock=self._clock)
@@ -139,12 +168,70 @@ class LLM:
         self._ids = itertools.count()
         self._live: dict[str, _Live] = {}
         self._done: dict[str, Output] = {}
+        self._draining: set[str] = set()
+        """Adapters being unloaded: no new requests; unregistered when their last ends."""
 
     def _clock(self) -> float:
         return time.perf_counter() - self._t0
 
     def _alloc(self, request_id: str):
         return self.engine.scheduler.allocs[request_id]
+
+    # -- adapters ------------------------------------------------------------------------
+    def _adapter_bytes(self, name: str, path: Path) -> int:
+        """Read and check a PEFT directory against the base model; its size in bytes."""
+        return load_adapter(path, self.model_config, max_rank=self.max_lora_rank, name=name,
+                            dtype=self.dtype, device="cpu").nbytes
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The adapters a request may name now (registered and not being unloaded)."""
+        return sorted(n for n in self.cache.adapters if n not in self._draining)
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Serve a PEFT adapter from `path` under `name`. The files are read and checked
+        now (`AdapterLoadError` names the file and the problem); the weights reach the
+        device when a request needs them."""
+        if not name:
+            raise ValueError("an adapter needs a non-empty name")
+        if name in self._draining:
+            raise ValueError(f"adapter {name!r} is being unloaded; its running requests "
+                             "finish first, then the name can be loaded again")
+        if name in self.cache.adapters:
+            raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+        nbytes = self._adapter_bytes(name, Path(path))
+        self.cache.register_adapter(name, nbytes)
+        self.mover.add_adapter_path(name, path)
+        self.mover.sync_adapters(self.cache)
+
+    def remove_adapter(self, name: str) -> int:
+        """Stop accepting requests for `name`. Requests already queued or running with it
+        finish first; then its weights and KV leave every tier. Returns their number."""
+        if name in self._draining:
+            raise UnknownAdapter(f"adapter {name!r} is already being unloaded")
+        self.cache.adapter(name)  # UnknownAdapter for names never loaded
+        users = sum(1 for live in self._live.values() if live.request.adapter == name)
+        self._draining.add(name)
+        self._reap_drained()
+        return users
+
+    def _reap_drained(self) -> None:
+        busy = {live.request.adapter for live in self._live.values()}
+        for name in list(self._draining - busy):
+            self._draining.discard(name)
+            self.cache.unregister_adapter(name)
+            self.mover.adapter_paths.pop(name, None)
+        self.mover.sync_adapters(self.cache)
+
+    def stats(self) -> EngineStats:
+        s = self.cache.stats
+        return EngineStats(
+            waiting=len(self.engine.scheduler.waiting),
+            running=len(self.engine.scheduler.running),
+            prompt_tokens=s.prompt_tokens, device_hit_tokens=s.device_hit_tokens,
+            host_hit_tokens=s.host_hit_tokens, bytes_moved=dict(s.bytes_moved),
+            pool_blocks=self.cache.usage(), block_bytes=self.block_bytes,
+            adapters=len(self.adapter_names))
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
@@ -165,6 +252,9 @@ class LLM:
         """Check one request completely before anything is queued."""
         ids = self.encode(prompt)
         adapter = adapter or None
+        if adapter in self._draining:
+            raise UnknownAdapter(f"adapter {adapter!r} is being unloaded; registered: "
+                                 f"{', '.join(self.adapter_names[:10]) or 'none'}")
         self.cache.adapter(adapter)  # UnknownAdapter names the registered ones
         params = sampling if sampling is not None else SamplingParams()
         if not ids:
@@ -204,6 +294,10 @@ class LLM:
     def has_unfinished(self) -> bool:
         return bool(self._live)
 
+    @property
+    def unfinished_ids(self) -> list[str]:
+        return list(self._live)
+
     def step(self) -> list[Delta]:
         """One engine step on the wall clock; what each request gained in it."""
         eng = self.engine
@@ -239,9 +333,15 @@ class LLM:
             req.state = RequestState.FINISHED
         del self._live[req.request_id]
         self.executor.release(req.request_id)
-        self._done[req.request_id] = Output(req.request_id, list(req.prompt), tr.text,
-                                            list(tr.token_ids), tr.finish_reason or "abort",
-                                            req.adapter, req.cached_tokens)
+        now = max(self.engine.now, self._clock())
+        self._done[req.request_id] = Output(
+            req.request_id, list(req.prompt), tr.text, list(tr.token_ids),
+            tr.finish_reason or "abort", req.adapter, req.cached_tokens, ttft=req.ttft,
+            tpot=(now - req.t_first_token) / (len(tr.token_ids) - 1)
+            if req.t_first_token is not None and len(tr.token_ids) > 1 else None,
+            e2e=now - req.arrival)
+        if req.adapter in self._draining:
+            self._reap_drained()
 
     def abort(self, request_id: str) -> Delta | None:
         """Stop a request now: its blocks go back to the cache (what it computed stays
@@ -302,57 +402,163 @@ def _load_tokenizer(tokenizer, model_dir: Path):
 
 
 class AsyncLLM:
-    """An asyncio front for `LLM`: submit, iterate over a request's deltas, abort.
+    """An asyncio front for `LLM`, with the engine stepping on its own thread.
 
-    Steps run on the event loop (a step blocks it for its duration); a driver task runs
-    while requests are unfinished. Close a stream you stop reading early
-    (`contextlib.aclosing`) so its request is aborted at once."""
+        event loop ──call(fn)──► calls queue ──► engine thread: run calls, then step
+        event loop ◄──deltas──── per-request asyncio.Queue (call_soon_threadsafe)
+
+    Every touch of the `LLM` happens on the engine thread, between steps, so HTTP handlers
+    never block behind a forward pass and never race the scheduler. A stream closed early
+    (client gone, `aclose`) aborts its request: its blocks are free within one step.
+    `stats` is a snapshot taken after every step, safe to read from any thread."""
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._driver: asyncio.Task | None = None
+        self.stats = llm.stats()
+        self.on_finish: list[Callable[[Output], None]] = []
+        """Called on the engine thread with each finished request's `Output`."""
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="fastlibra-engine", daemon=True)
+        self._thread.start()
+
+    # -- calls onto the engine thread ---------------------------------------------------
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run `fn(*args)` on the engine thread before its next step."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine thread has stopped")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((fn, args, fut))
+        return fut
+
+    async def run(self, fn: Callable, *args):
+        return await asyncio.wrap_future(self.call(fn, *args))
+
+    def close(self) -> None:
+        """Abort whatever runs and stop the engine thread."""
+        if self._thread.is_alive():
+            self._calls.put(None)
+            self._thread.join()
+
+    # -- requests -----------------------------------------------------------------------
+    async def add_request(self, prompt: Prompt, adapter: str | None = None,
+                          sampling: SamplingParams | None = None,
+                          request_id: str | None = None) -> str:
+        """Queue a request; its deltas wait for `stream(id)`. Raises as `LLM.add_request`
+        does (unknown adapter, prompt too long, ...) before anything is queued."""
+        rid = request_id if request_id is not None else f"areq-{next(self._ids)}"
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already running")
+        self._streams[rid] = (asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            return await self.run(self.llm.add_request, prompt, adapter, sampling, rid)
+        except BaseException:
+            self._streams.pop(rid, None)
+            raise
+
+    async def stream(self, request_id: str) -> AsyncIterator[Delta]:
+        """The deltas of a queued request; the last has `finish_reason` and `output`."""
+        _, q = self._streams[request_id]
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if finished:
+                self._streams.pop(request_id, None)
+            else:
+                self.release(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Nobody will read this request any more: abort it if it still runs (on the
+        engine thread, before its next step) and forget its stream. Does not wait."""
+        self._streams.pop(request_id, None)
+        if self._thread.is_alive():
+            self.call(self._abort, request_id)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     async def generate_stream(self, prompt: Prompt, adapter: str | None = None,
                               sampling: SamplingParams | None = None,
                               request_id: str | None = None) -> AsyncIterator[Delta]:
-        rid = self.llm.add_request(prompt, adapter, sampling, request_id)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[rid] = queue
-        if self._driver is None or self._driver.done():
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            self._queues.pop(rid, None)
-            self.llm.abort(rid)  # no-op when it finished
-            self.llm.take_output(rid)
+        rid = await self.add_request(prompt, adapter, sampling, request_id)
+        async for delta in self.stream(rid):
+            yield delta
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now (its blocks are freed before this returns); its stream ends
-        with finish_reason "abort". False if it was not running."""
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request; its blocks are free when this returns and its stream ends with
+        finish_reason "abort". False if it was not running."""
+        return await self.run(self._abort, request_id)
+
+    # -- the engine thread --------------------------------------------------------------
+    def _abort(self, request_id: str) -> bool:
         delta = self.llm.abort(request_id)
-        if delta is None:
-            return False
-        queue = self._queues.get(request_id)
-        if queue is not None:
-            queue.put_nowait(delta)
-        return True
+        if delta is not None:
+            self._deliver([delta])
+        return delta is not None
 
-    async def _drive(self) -> None:
+    def _deliver(self, deltas: list[Delta]) -> None:
+        for d in deltas:
+            if d.finish_reason is not None:
+                d.output = self.llm.take_output(d.request_id)
+                for hook in self.on_finish:
+                    hook(d.output)
+            target = self._streams.get(d.request_id)
+            if target is not None:
+                self._send(target, d)
+
+    @staticmethod
+    def _send(target, item) -> None:
+        loop, q = target
         try:
-            while self.llm.has_unfinished:
-                for delta in self.llm.step():
-                    queue = self._queues.get(delta.request_id)
-                    if queue is not None:
-                        queue.put_nowait(delta)
-                await asyncio.sleep(0)  # let consumers (and abort) run between steps
-        except Exception as e:  # hand the failure to every waiting stream
-            for queue in self._queues.values():
-                queue.put_nowait(e)
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            pass
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._calls.get(block=not self.llm.has_unfinished)
+            except queue.Empty:
+                item = ()
+            while item != ():
+                if item is None:
+                    self._shutdown()
+                    return
+                fn, args, fut = item
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn(*args))
+                    except BaseException as e:  # handed to the caller
+                        fut.set_exception(e)
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    item = ()
+            if self.llm.has_unfinished:
+                try:
+                    self._deliver(self.llm.step())
+                except Exception as e:  # fail the requests in flight, keep serving
+                    self._fail_all(e)
+            self.stats = self.llm.stats()
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in self.llm.unfinished_ids:
+            self.llm.abort(rid)
+            self.llm.take_output(rid)
+            target = self._streams.get(rid)
+            if target is not None:
+                self._send(target, error)
+
+    def _shutdown(self) -> None:
+        for rid in self.llm.unfinished_ids:
+            self._abort(rid)

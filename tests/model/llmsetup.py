@@ -4,6 +4,8 @@ text round-trips, and two PEFT adapters.
 
     tokenizer: <pad>=0 <s>=1 </s>=2 (eos), then the words w003 .. w127 = ids 3 .. 127;
                "w005 w017" <-> [5, 17]  (fixed-width words: no word is inside another)
+    chat template: system -> "w010 <content>", user -> "w011 <content>",
+               assistant -> "w012 <content>"; the generation prompt is "w012"
     adapters:  a: r=8 on q/k/v/o;  b: r=4 on every projection
 """
 
@@ -21,12 +23,21 @@ def word(i: int) -> str:
     return f"w{i:03d}"
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}w010 {% elif m['role'] == 'user' %}w011 "
+    "{% else %}w012 {% endif %}{{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}w012{% endif %}")
+
+
 def save_word_tokenizer(path: Path) -> None:
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {word(i): i for i in range(3, VOCAB)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
 
 
 def text(ids: list[int]) -> str:

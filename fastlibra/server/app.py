@@ -1,0 +1,418 @@
+"""`fastlibra serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over `AsyncLLM`.
+
+    HTTP handler (event loop)                          engine thread
+      validate body (pydantic) ─► model -> adapter
+      chat template -> text    ─► AsyncLLM.add_request ─► LLM.add_request (checks, queue)
+      SSE / JSON  ◄──────────────  AsyncLLM.stream     ◄── LLM.step deltas
+      client gone ─► stream closed ─► abort: blocks freed before the next step
+
+`model` names the base model (its served name) or a registered adapter. Every error is
+OpenAI's error JSON with a 4xx status naming the field; nothing a client sends should
+make the server answer 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fastlibra.cache import RequestTooLarge, UnknownAdapter
+from fastlibra.llm import LLM, AsyncLLM, Delta, Output, PromptTooLong
+from fastlibra.model.lora import AdapterLoadError
+from fastlibra.model.sampling import SamplingParams, SamplingParamsError
+from fastlibra.server import protocol as P
+from fastlibra.server.metrics import ServerMetrics
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class ServerConfig:
+    """What `fastlibra serve` takes; the engine's own settings are passed to `LLM`."""
+
+    model_dir: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    policy: str = "fastlibra"
+    device_memory: int | None = None
+    host_memory: int | None = None
+    api_key: str | None = None
+    adapter_roots: tuple[Path, ...] = ()
+    """Directories dynamic loading may read from; empty = dynamic loading off."""
+    served_model_name: str | None = None
+    """The base model's id in `model` fields (default: --model as given)."""
+    dtype: str | None = None
+    device: str | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_batched_tokens: int = 2048
+    max_lora_rank: int = 256
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or str(self.model_dir)
+
+    def make_llm(self) -> LLM:
+        return LLM(self.model_dir, dict(self.adapters), device_memory=self.device_memory,
+                   host_memory=self.host_memory, policy=self.policy, dtype=self.dtype,
+                   device=self.device, block_size=self.block_size,
+                   max_num_seqs=self.max_num_seqs, max_batched_tokens=self.max_batched_tokens,
+                   max_lora_rank=self.max_lora_rank)
+
+
+# -- errors ----------------------------------------------------------------------------
+def _error(status: int, message: str, param: str | None = None,
+           type: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
+    return JSONResponse(P.ApiError(status, message, param, type, code).body(), status_code=status)
+
+
+def _as_api_error(e: Exception, prompt_field: str) -> P.ApiError:
+    """The engine's exceptions in OpenAI's terms (status, field)."""
+    if isinstance(e, P.ApiError):
+        return e
+    if isinstance(e, UnknownAdapter):
+        return P.ApiError(404, str(e), "model", code="model_not_found")
+    if isinstance(e, PromptTooLong):
+        return P.ApiError(400, str(e), prompt_field, code="context_length_exceeded")
+    if isinstance(e, RequestTooLarge):
+        return P.ApiError(400, str(e), "max_tokens")
+    if isinstance(e, SamplingParamsError):
+        name = str(e).split(".", 1)[1].split(" ", 1)[0] if "SamplingParams." in str(e) else None
+        return P.ApiError(400, str(e), name)
+    if isinstance(e, AdapterLoadError):
+        return P.ApiError(400, str(e), "lora_path")
+    if isinstance(e, ValueError):  # token ids outside the vocabulary, empty prompt, ...
+        return P.ApiError(400, str(e), prompt_field)
+    raise e
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid')}"
+                  + (f" ({len(errors) - 1} more)" if len(errors) > 1 else ""), param)
+
+
+# -- adapter paths ---------------------------------------------------------------------
+def resolve_adapter_path(raw: str, roots: tuple[Path, ...]) -> Path:
+    """The real directory for a dynamic load, only if it lies under an allowed root after
+    following symlinks (the directory's and its files'); `..` is refused outright."""
+    if not roots:
+        raise P.ApiError(403, "dynamic adapter loading is off; start the server with "
+                         "--adapter-root DIR to allow loading adapters from DIR",
+                         "lora_path", type="permission_error")
+    path = Path(raw)
+    if ".." in path.parts or "\0" in raw:
+        raise P.ApiError(403, f"lora_path {raw!r}: '..' is not allowed", "lora_path",
+                         type="permission_error")
+    real_roots = [r.resolve() for r in roots]
+    candidates = [path] if path.is_absolute() else [r / path for r in real_roots]
+    for cand in candidates:
+        real = cand.resolve()
+        if not any(real.is_relative_to(r) for r in real_roots):
+            continue
+        files = [real / f for f in ADAPTER_FILES if (real / f).exists()]
+        if all(any(f.resolve().is_relative_to(r) for r in real_roots) for f in files):
+            return real
+    raise P.ApiError(403, f"lora_path {raw!r} is not under an allowed adapter root "
+                     f"({', '.join(str(r) for r in roots)})", "lora_path",
+                     type="permission_error")
+
+
+# -- the app ---------------------------------------------------------------------------
+def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
+    llm = engine.llm
+    metrics = ServerMetrics(engine, cfg.model_name)
+    app = FastAPI(title="FastLibra", summary="OpenAI-compatible multi-LoRA serving",
+                  version="0.1.0")
+    app.state.engine = engine
+    app.state.metrics = metrics
+
+    @app.exception_handler(P.ApiError)
+    async def api_error(_: Request, e: P.ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError):
+        return _validation_error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException):
+        return _error(e.status_code, str(e.detail), type="not_found_error"
+                      if e.status_code == 404 else "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def internal(_: Request, e: Exception):
+        return _error(500, f"internal error: {type(e).__name__}: {e}", type="internal_error")
+
+    async def check_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode()):
+            raise P.ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                             type="authentication_error", code="invalid_api_key")
+
+    auth = [Depends(check_key)]
+
+    def adapter_for(model: str) -> str | None:
+        return None if model in (cfg.model_name, str(cfg.model_dir)) else model
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return _error(503, "the engine thread has stopped", type="internal_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        names = await engine.run(lambda: llm.adapter_names)
+        now = int(time.time())
+        base = {"id": cfg.model_name, "object": "model", "created": now,
+                "owned_by": "fastlibra", "root": str(cfg.model_dir), "parent": None,
+                "max_model_len": llm.max_model_len}
+        return {"object": "list", "data": [base] + [
+            {"id": n, "object": "model", "created": now, "owned_by": "fastlibra",
+             "root": n, "parent": cfg.model_name, "max_model_len": llm.max_model_len}
+            for n in names]}
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_lora(body: P.LoadLoraRequest):
+        path = resolve_adapter_path(body.lora_path, cfg.adapter_roots)
+        try:
+            await engine.run(llm.add_adapter, body.lora_name, path)
+        except AdapterLoadError as e:
+            raise P.ApiError(400, str(e), "lora_path") from None
+        except ValueError as e:  # already loaded / being unloaded / too large
+            raise P.ApiError(400, str(e), "lora_name") from None
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_lora(body: P.UnloadLoraRequest):
+        try:
+            users = await engine.run(llm.remove_adapter, body.lora_name)
+        except UnknownAdapter as e:
+            raise P.ApiError(404, str(e), "lora_name", code="model_not_found") from None
+        note = f" ({users} requests using it finish first)" if users else ""
+        return PlainTextResponse(
+            f"Success: LoRA adapter '{body.lora_name}' removed successfully.{note}")
+
+    async def submit(prompts: list, adapter: str | None,
+                     params: SamplingParams, n: int, prompt_field: str) -> list[str]:
+        """Queue every (prompt, choice) pair or none: a failure aborts those queued."""
+        rids: list[str] = []
+        try:
+            for p in prompts:
+                for j in range(n):
+                    sp = params
+                    if n > 1 and params.seed is not None:
+                        sp = SamplingParams(**{**params.__dict__, "seed": params.seed + j})
+                    rids.append(await engine.add_request(p, adapter, sp))
+        except Exception as e:
+            for rid in rids:
+                engine.release(rid)
+            raise _as_api_error(e, prompt_field) from None
+        return rids
+
+    async def complete(request: Request, body: P._Sampling, prompts: list, prompt_field: str,
+                       chat: bool):
+        adapter = adapter_for(body.model)
+        try:
+            params = body.sampling(default_max_tokens=16 if not chat else llm.max_model_len)
+        except SamplingParamsError as e:
+            raise _as_api_error(e, prompt_field) from None
+        rids = await submit(prompts, adapter, params, body.n, prompt_field)
+        rid = P.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return _EngineStream(engine, rids, _sse(engine, rids, rid, body, chat))
+        outputs = await _collect(engine, rids, request)
+        if outputs is None:  # the client went away: its requests are aborted
+            return Response(status_code=499)
+        choices = [P.chat_choice(i, o.text, o.finish_reason, delta=False) if chat
+                   else P.completion_choice(i, o.text, o.finish_reason)
+                   for i, o in enumerate(outputs)]
+        return P.envelope("chat.completion" if chat else "text_completion", rid, body.model,
+                          choices, _usage(outputs, body.n))
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request, body: P.CompletionRequest):
+        return await complete(request, body, body.prompts(), "prompt", chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request, body: P.ChatCompletionRequest):
+        tok = llm.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise P.ApiError(400, "this model has no chat template (tokenizer_config.json "
+                             "chat_template); use /v1/completions", "messages")
+        try:
+            text = tok.apply_chat_template(body.conversation(), add_generation_prompt=True,
+                                           tokenize=False)
+        except P.ApiError:
+            raise
+        except Exception as e:  # the template's own checks (roles must alternate, ...)
+            raise P.ApiError(400, f"the chat template rejected the messages: {e}",
+                             "messages") from None
+        return await complete(request, body, [text], "messages", chat=True)
+
+    return app
+
+
+class _EngineStream(StreamingResponse):
+    """Server-sent events whose requests are released however the response ends: even a
+    client gone before the first chunk (when the body generator never starts)."""
+
+    def __init__(self, engine: AsyncLLM, rids: list[str], content) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.engine, self.rids = engine, rids
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for rid in self.rids:
+                self.engine.release(rid)
+
+
+def _usage(outputs: list[Output], n: int) -> dict:
+    prompts = outputs[::n]  # each prompt counted once, however many choices it has
+    return P.usage(sum(len(o.prompt_token_ids) for o in prompts),
+                   sum(len(o.token_ids) for o in outputs),
+                   sum(o.cached_tokens for o in prompts))
+
+
+async def _collect(engine: AsyncLLM, rids: list[str], request: Request) -> list[Output] | None:
+    """Run requests to the end; None (and every one aborted) if the client disconnects."""
+    async def last(rid: str) -> Output:
+        async with contextlib.aclosing(engine.stream(rid)) as s:
+            async for d in s:
+                if d.output is not None:
+                    return d.output
+        raise RuntimeError(f"request {rid} ended without an output")
+
+    task = asyncio.ensure_future(asyncio.gather(*(last(r) for r in rids)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _merged(engine: AsyncLLM, rids: list[str]) -> AsyncIterator[tuple[int, Delta]]:
+    """Deltas of several requests as they come, tagged with the choice index."""
+    if len(rids) == 1:
+        async with contextlib.aclosing(engine.stream(rids[0])) as s:
+            async for d in s:
+                yield 0, d
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, rid: str) -> None:
+        try:
+            async with contextlib.aclosing(engine.stream(rid)) as s:
+                async for d in s:
+                    q.put_nowait((i, d))
+        except Exception as e:
+            q.put_nowait((i, e))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(rids)]
+    try:
+        left = len(rids)
+        while left:
+            i, d = await q.get()
+            if isinstance(d, Exception):
+                raise d
+            left -= d.finish_reason is not None
+            yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
+               chat: bool) -> AsyncIterator[str]:
+    """OpenAI's stream: one `data: {chunk}` per delta, a usage chunk if asked, [DONE]."""
+    import json
+
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    started: set[int] = set()
+    outputs: dict[int, Output] = {}
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> str:
+        return f"data: {json.dumps(P.envelope(kind, rid, body.model, choices, usage))}\n\n"
+
+    try:
+        async for i, d in _merged(engine, rids):
+            if d.output is not None:
+                outputs[i] = d.output
+            if chat:
+                first = i not in started
+                started.add(i)
+                choice = P.chat_choice(i, d.text, d.finish_reason, delta=True, first=first)
+            else:
+                choice = P.completion_choice(i, d.text, d.finish_reason)
+            yield chunk([choice])
+        if body.include_usage:
+            ordered = [outputs[i] for i in sorted(outputs)]
+            yield chunk([], _usage(ordered, body.n))
+    except Exception as e:  # the engine failed mid-stream: say so in the stream
+        err = _as_api_error(e, "prompt") if isinstance(e, ValueError) else P.ApiError(
+            500, f"internal error: {type(e).__name__}: {e}", type="internal_error")
+        yield f"data: {json.dumps(err.body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# -- running it ------------------------------------------------------------------------
+def serve(model_dir: str | Path, adapters: dict[str, Path] | None = None, *,
+          host: str = "127.0.0.1", port: int = 8000, policy: str = "fastlibra",
+          device_memory: int | None = None, host_memory: int | None = None,
+          api_key: str | None = None, adapter_roots=(), **engine_kw) -> None:
+    """Load the model and serve it until interrupted (Ctrl-C)."""
+    cfg = ServerConfig(Path(model_dir), {k: Path(v) for k, v in (adapters or {}).items()},
+                       host=host, port=port, policy=policy, device_memory=device_memory,
+                       host_memory=host_memory, api_key=api_key,
+                       adapter_roots=tuple(Path(r) for r in adapter_roots), **engine_kw)
+    run_server(cfg)
+
+
+def run_server(cfg: ServerConfig) -> None:
+    import uvicorn
+
+    for root in cfg.adapter_roots:
+        if not root.is_dir():
+            raise ValueError(f"--adapter-root {root}: not a directory")
+    print(f"[fastlibra serve] loading {cfg.model_dir} with {len(cfg.adapters)} adapter(s), "
+          f"policy {cfg.policy}", flush=True)
+    engine = AsyncLLM(cfg.make_llm())
+    try:
+        app = build_app(engine, cfg)
+        print(f"[fastlibra serve] serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/v1",
+              flush=True)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    finally:
+        engine.close()

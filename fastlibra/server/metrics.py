@@ -1,0 +1,114 @@
+"""Prometheus metrics for /metrics, named like vLLM's under a `fastlibra:` prefix.
+
+Per-request histograms are observed when a request finishes (on the engine thread, via
+`AsyncLLM.on_finish`). Engine-wide numbers (queue, hit rates, swap bytes, pool usage by
+kind) are read at scrape time from `AsyncLLM.stats`, the snapshot taken after each step,
+so a scrape never waits for or races a step. Each server has its own registry.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from fastlibra.llm import AsyncLLM, Output
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
+                   0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
+                 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        self.model_name = model_name
+        self.ttft = Histogram("fastlibra:time_to_first_token_seconds",
+                              "Time from arrival to the first token.", labels,
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("fastlibra:time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.",
+                              labels, buckets=TOKEN_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("fastlibra:e2e_request_latency_seconds",
+                             "Time from arrival to finish.", labels,
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("fastlibra:prompt_tokens", "Prompt tokens processed.",
+                                     labels, registry=self.registry)
+        self.generation_tokens = Counter("fastlibra:generation_tokens",
+                                         "Tokens generated.", labels, registry=self.registry)
+        self.finished = Counter("fastlibra:request_success",
+                                "Finished requests by finish reason.",
+                                [*labels, "finished_reason"], registry=self.registry)
+        self.registry.register(_EngineCollector(engine, model_name))
+        engine.on_finish.append(self.observe)
+
+    def observe(self, out: Output) -> None:
+        m = self.model_name
+        if out.ttft is not None:
+            self.ttft.labels(m).observe(out.ttft)
+        if out.tpot is not None:
+            self.tpot.labels(m).observe(out.tpot)
+        self.e2e.labels(m).observe(out.e2e)
+        self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+        self.generation_tokens.labels(m).inc(len(out.token_ids))
+        self.finished.labels(m, out.finish_reason).inc()
+
+
+class _EngineCollector(Collector):
+    """Gauges and counters read from the engine's latest snapshot at scrape time."""
+
+    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
+        self.engine = engine
+        self.model_name = model_name
+
+    def collect(self):
+        s = self.engine.stats
+        m = [self.model_name]
+
+        def gauge(name: str, doc: str, value: float):
+            g = GaugeMetricFamily(f"fastlibra:{name}", doc, labels=["model_name"])
+            g.add_metric(m, value)
+            return g
+
+        def counter(name: str, doc: str, value: float):
+            c = CounterMetricFamily(f"fastlibra:{name}", doc, labels=["model_name"])
+            c.add_metric(m, value)
+            return c
+
+        yield gauge("num_requests_waiting", "Requests queued, not yet admitted.", s.waiting)
+        yield gauge("num_requests_running", "Requests admitted (prefill or decode).",
+                    s.running)
+        yield gauge("lora_adapters", "Adapters registered and servable.", s.adapters)
+        q = s.prompt_tokens
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the cache.", q)
+        yield counter("device_prefix_cache_hits", "Prompt tokens whose KV was on device.",
+                      s.device_hit_tokens)
+        yield counter("host_prefix_cache_hits",
+                      "Prompt tokens whose KV was swapped in from host memory.",
+                      s.host_hit_tokens)
+        yield gauge("device_cache_hit_rate", "Device hit tokens / prompt tokens, cumulative.",
+                    s.device_hit_tokens / q if q else 0.0)
+        yield gauge("host_cache_hit_rate", "Host hit tokens / prompt tokens, cumulative.",
+                    s.host_hit_tokens / q if q else 0.0)
+        swap = CounterMetricFamily("fastlibra:swap_bytes",
+                                   "Bytes moved between tiers, by kind of move.",
+                                   labels=["model_name", "kind"])
+        for kind, nbytes in s.bytes_moved.items():
+            swap.add_metric([*m, kind], nbytes)
+        yield swap
+        blocks = GaugeMetricFamily("fastlibra:pool_blocks",
+                                   "Blocks per pool by kind (adapter, kv_cached, kv_running, "
+                                   "invalid_kv, free).", labels=["model_name", "pool", "kind"])
+        usage = GaugeMetricFamily("fastlibra:pool_usage_perc",
+                                  "Used fraction of each pool (1 = full).",
+                                  labels=["model_name", "pool"])
+        for pool, kinds in s.pool_blocks.items():
+            for kind, n in kinds.items():
+                blocks.add_metric([*m, pool, kind], n)
+            total = sum(n for k, n in kinds.items() if k != "invalid_kv")
+            usage.add_metric([*m, pool], 1 - kinds.get("free", 0) / total if total else 0.0)
+        yield blocks
+        yield usage
+        yield gauge("block_bytes", "Bytes of one KV block (all layers).", s.block_bytes)

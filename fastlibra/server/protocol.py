@@ -1,0 +1,191 @@
+"""The OpenAI wire format: request bodies (validated by pydantic, so FastAPI publishes
+them in the OpenAPI schema), response and stream-chunk builders, and errors.
+
+Fields follow OpenAI's API and vLLM's extensions (`top_k`, `stop_token_ids`,
+`ignore_eos`). Fields we accept but cannot honour (`logprobs`, penalties, `best_of`,
+`logit_bias`, `suffix`, `echo`, `tools`) are refused with a 400 naming the field rather
+than silently ignored; unknown fields are ignored, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from fastlibra.model.sampling import SamplingParams
+
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Prompt = NonEmptyStr | Annotated[list[TokenId], Field(min_length=1)]
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = (
+            status, message, param, type, code)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """Fields shared by completions and chat completions."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: NonEmptyStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    """vLLM's extension: -1 or 0 = all tokens."""
+    n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
+    seed: StrictInt | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=16)] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # Accepted by OpenAI's API, refused here unless left at their no-op values.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Any = None
+    best_of: Any = None
+
+    _UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "best_of")
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        for name in self._UNSUPPORTED:
+            if getattr(self, name) not in (None, False):
+                raise ApiError(400, f"{name} is not supported by this server", param=name)
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0):
+                raise ApiError(400, f"{name} is not supported by this server (only 0)",
+                               param=name)
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        return SamplingParams(
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k if self.top_k is not None and self.top_k > 0 else None,
+            seed=self.seed, max_tokens=self.max_tokens or default_max_tokens,
+            stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_Sampling):
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=64)]
+    echo: bool = False
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        if self.echo:
+            raise ApiError(400, "echo is not supported by this server", param="echo")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported by this server", param="suffix")
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: StrictStr | Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+
+    def text(self, index: int) -> str:
+        """The message's text; content parts other than text are refused."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        out = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, "only text content parts are supported",
+                               param=f"messages[{index}].content")
+            out.append(part["text"])
+        return "".join(out)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    tools: Any = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+
+    def conversation(self) -> list[dict[str, str]]:
+        if self.tools:
+            raise ApiError(400, "tools are not supported by this server", param="tools")
+        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+
+    def sampling(self, default_max_tokens: int) -> SamplingParams:
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        return super().sampling(default_max_tokens)
+
+
+class LoadLoraRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: NonEmptyStr
+    lora_path: NonEmptyStr
+
+
+class UnloadLoraRequest(BaseModel):
+    """vLLM's /v1/unload_lora_adapter body (lora_int_id is accepted and unused)."""
+
+    lora_name: NonEmptyStr
+    lora_int_id: int | None = None
+
+
+# -- responses -------------------------------------------------------------------------
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, *, delta: bool,
+                first: bool = False) -> dict:
+    if delta:
+        message = ({"role": "assistant", "content": text} if first else {"content": text})
+        return {"index": index, "delta": message, "logprobs": None,
+                "finish_reason": finish_reason}
+    return {"index": index, "message": {"role": "assistant", "content": text},
+            "logprobs": None, "finish_reason": finish_reason}
+
+
+def envelope(kind: str, rid: str, model: str, choices: list[dict],
+             usage_: dict | None = None) -> dict:
+    """One response or stream chunk: kind is text_completion, chat.completion or
+    chat.completion.chunk."""
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+            "choices": choices, "usage": usage_}
