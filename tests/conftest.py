@@ -10,13 +10,18 @@ Prompts are written in blocks: `blocks(1, 2, 3)` is the 12 tokens
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pytest
 
 from fastlibra.cache import CacheManager, Move, get_policy
 from fastlibra.cache.tree import AdapterNode
 from fastlibra.config import CacheConfig, HardwareProfile, ModelShape, SwapperConfig
+
+# The tiny model builders of tests/model (tinymodels, llmsetup) serve tests/server too.
+sys.path.insert(0, str(Path(__file__).parent / "model"))
 
 BS = 4
 MODEL = ModelShape("tiny", num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1,

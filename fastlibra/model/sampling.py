@@ -29,7 +29,8 @@ class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
     temperature: float = 1.0
-    """0 = greedy (argmax); otherwise logits are divided by it before softmax."""
+    """0 = greedy (argmax); otherwise logits are divided by it before softmax. Below
+    GREEDY_BELOW it is greedy too: dividing by 1e-300 would overflow to inf/nan."""
     top_k: int | None = None
     """Keep only the k most likely tokens; None = all."""
     top_p: float = 1.0
@@ -75,7 +76,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
+
+
+GREEDY_BELOW = 1e-5
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -126,6 +130,7 @@ class Sampler:
         ps = torch.tensor([params[i].top_p for i in rest], device=dev)
         # Drop a token when the mass before it already reaches top_p (the first stays).
         drop = (probs.cumsum(-1) - probs >= ps[:, None]) & (ps[:, None] < 1)
+        drop[:, 0] = False  # even when top_p rounds to 0 in float32
         probs = probs.masked_fill(drop, 0.0)
         for j, i in enumerate(rest):
             g = self._generator(keys[i], params[i], dev)

@@ -42,8 +42,12 @@ LOGITS = torch.tensor([[0.0, 3.0, 2.9, -1.0, 1.0],
 def test_greedy_top_k_1_and_tiny_top_p_are_the_argmax():
     """Row 1 has a tie between tokens 0 and 1: every greedy form picks the first."""
     s = Sampler()
+    # The last two came from fuzzing the server: 1e-300 overflowed the division by the
+    # temperature to nan, and a top_p that is 0 in float32 dropped every token.
     for p in (SamplingParams(temperature=0), SamplingParams(top_k=1, seed=1),
-              SamplingParams(top_p=1e-6, seed=2, temperature=5.0)):
+              SamplingParams(top_p=1e-6, seed=2, temperature=5.0),
+              SamplingParams(temperature=1e-300, seed=3),
+              SamplingParams(top_p=1e-300, seed=4)):
         assert s.sample(LOGITS, [p, p], ["x", "y"]) == [1, 0]
 
 

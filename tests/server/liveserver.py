@@ -5,20 +5,15 @@ tests/model/llmsetup.py (random Llama, word tokenizer with a chat template, PEFT
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import uvicorn
+from llmsetup import served_setup, word
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "model"))
-
-from llmsetup import served_setup, word  # noqa: E402
-
-from fastlibra.llm import AsyncLLM  # noqa: E402
-from fastlibra.server import ServerConfig, build_app  # noqa: E402
+from fastlibra.llm import AsyncLLM
+from fastlibra.server import ServerConfig, build_app
 
 MODEL_NAME = "tiny-llama"
 
