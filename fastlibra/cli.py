@@ -128,8 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated policies (default fastlibra,vllm,slora,sglang; "
                       "--serve uses the first)")
     demo.add_argument("--seed", type=int, default=0, help="workload seed")
-    demo.add_argument("--duration", type=float, default=12.0,
-                      help="seconds of chat-session arrivals per policy (default 12; the "
+    demo.add_argument("--duration", type=float, default=8.0,
+                      help="seconds of chat-session arrivals per policy (default 8; the "
                       "last turns run past it)")
     demo.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     demo.add_argument("--plot", metavar="FILE", default="out/demo.png",
@@ -261,6 +261,51 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
 
+    bserve = bsub.add_parser("serve", help="replay a multi-turn multi-adapter workload "
+                             "against any OpenAI-compatible server (ours, vLLM, SGLang) over "
+                             "HTTP: TTFT/TPOT percentiles, throughput, cached tokens")
+    bserve.add_argument("--url", default="http://127.0.0.1:8000", help="the server's root")
+    bserve.add_argument("--workload", choices=["chatbot", "drift"], default="chatbot")
+    bserve.add_argument("--model", default=None,
+                        help="the base model's id (default: the first of GET /v1/models)")
+    bserve.add_argument("--adapters", default=None,
+                        type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                        help="comma list of model ids for the workload's adapters (default: "
+                        "every other id of GET /v1/models; may include the base id); "
+                        "workload adapter lora-i goes to the (i mod count)-th")
+    bserve.add_argument("--num-adapters", type=int, default=6,
+                        help="adapters in the workload (default 6)")
+    bserve.add_argument("--rate", type=float, default=1.0, help="new sessions/s (default 1)")
+    bserve.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of session arrivals (default 60; turns run past it)")
+    bserve.add_argument("--think", type=float, default=1.5,
+                        help="mean think time between turns, s (default 1.5)")
+    bserve.add_argument("--mean-turns", type=float, default=4.0)
+    bserve.add_argument("--zipf", type=float, default=1.0)
+    bserve.add_argument("--system-len", type=int, default=64, help="system prompt tokens (mean)")
+    bserve.add_argument("--user-len", type=int, default=32, help="user message tokens (mean)")
+    bserve.add_argument("--answer-len", type=int, default=16, help="answer tokens (mean)")
+    bserve.add_argument("--max-context", type=int, default=None,
+                        help="sessions end before prompt + answer exceed this many tokens "
+                        "(default: the server's max_model_len, else 4096)")
+    bserve.add_argument("--max-concurrency", type=int, default=None,
+                        help="most requests in flight (default: no limit)")
+    bserve.add_argument("--prompt-format", choices=["words", "ids"], default="words",
+                        help="send prompts as text (words, default) or token-id lists")
+    bserve.add_argument("--vocab", type=int, default=128,
+                        help="token ids sent are below this (default 128)")
+    bserve.add_argument("--first-word", type=int, default=3,
+                        help="token ids sent are at least this: no special tokens (default 3)")
+    bserve.add_argument("--word-format", default="w{:03d}",
+                        help="the word for a token id with --prompt-format words (default "
+                        "'w{:03d}': our tiny test models' vocabulary)")
+    bserve.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds without data before a request fails (default 600)")
+    bserve.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
+    bserve.add_argument("--seed", type=int, default=0)
+    bserve.add_argument("--json", metavar="FILE",
+                        help="write the summary, machine, commit and every request as JSON")
+
     paper = bsub.add_parser("paper", help="the paper's grid in the simulator: pairs x workloads "
                             "x adapters x rates, every policy, vllm-oracle and a lower bound")
     paper.add_argument("--quick", action="store_true",
@@ -300,6 +345,7 @@ _BENCHMARKS = {
     "model": ("fastlibra.model.bench", "run_model_bench"),
     "replay": ("fastlibra.model.replay", "run_replay"),
     "fidelity": ("fastlibra.sim.fidelity", "run_fidelity"),
+    "serve": ("fastlibra.server.bench", "run_serve_bench"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 

@@ -1,192 +1,207 @@
-"""`fastlibra demo`: replay a small multi-adapter, multi-turn chat through every policy.
+"""`fastlibra demo`: a multi-turn, multi-adapter chat replayed in real time on the real
+engine once per cache policy, side by side, so the first thing a user runs shows what
+the cache changes with nothing to download.
 
-Until the engine exists this drives the cache directly with a minimal step loop: each
-step admits waiting requests in arrival order while the cache can place them, grows every
-running request by one decoded token, finishes those that are done (their KV joins the
-tree) and lets the swapper tick. Only cache decisions differ between policies, so the
-table isolates what the cache does: hit rates, invalid KV held on device, bytes moved.
+    model (built once)   `build_tiny_model`: a random Llama (hidden 256, 4 layers, vocab
+                         32000, fp32) + 6 LoRAs of ranks 16/8, in $FASTLIBRA_CACHE_DIR or
+                         ~/.cache/fastlibra/<folder named by the build parameters>;
+                         `manifest.json` is written last, so an interrupted build is redone
+    replay               `bench replay`'s chatbot and replay loop (model/replay.py) with
+                         --duration s of session arrivals; every policy gets the same
+                         device budget (the adapters + 4 contexts of 256 tokens of KV), so
+                         the pool is under pressure and the policies keep different things
+    report               a table on stdout, TTFT CDF + mean TTFT bars as a PNG, JSON
+    --serve              the HTTP server on the same model and adapters instead
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import random
-from dataclasses import dataclass, field
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
-from tqdm import tqdm
+from fastlibra.model.tiny import TINY_SHAPE, build_tiny_model
 
-from fastlibra.cache import CacheManager, Tier, get_policy
-from fastlibra.config import CacheConfig, HardwareProfile, LoraShape, ModelShape
-
-GiB = 1 << 30
-
-LLAMA2_7B = ModelShape("llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32,
-                       num_kv_heads=32, intermediate_size=11008)
-A100_PCIE4 = HardwareProfile(name="a100-80g", h2d_bandwidth=25e9, d2h_bandwidth=25e9,
-                             disk_bandwidth=2e9, adapter_parse_s=0.01, prefill_base=0.01,
-                             prefill_per_token=6e-5, prefill_per_token_pair=2e-10)
-"""Round numbers for an A100 with PCIe 4; later issues replace them with measurements."""
-
-STEP_S = 0.05
-"""Simulated seconds per scheduler step (one decode token for every running request)."""
+NUM_ADAPTERS = 6
+RANKS = (16, 8)
+MODEL_SEED = 0
+BUILD_FORMAT = 1
+"""Bump when `build_tiny_model` writes different files, so cached builds are redone."""
+MANIFEST = "manifest.json"
+MiB = 1 << 20
 
 
-@dataclass
-class DemoRequest:
-    rid: str
-    session: int
-    adapter: str
-    arrival: float
-    prompt: list[int]
-    output: list[int]
+@dataclass(frozen=True)
+class DemoSettings:
+    """The workload, model and budget settings replay.py reads (the names of `bench
+    replay`'s flags), at the demo's values: sessions arrive 3x as fast as in `bench
+    replay` and think half as long, so a short run still has many follow-up turns and a
+    busy pool."""
 
-
-@dataclass
-class DemoWorkload:
-    """Chat sessions over Zipf-popular adapters; each turn extends the last conversation."""
-
-    num_adapters: int = 16
-    num_sessions: int = 48
-    turns: tuple[int, int] = (2, 6)
-    think_s: float = 8.0
-    session_rate: float = 0.6
-    """New sessions per second."""
-    system_prompt: int = 96
-    user_tokens: tuple[int, int] = (32, 160)
-    output_tokens: tuple[int, int] = (16, 96)
+    duration: float
+    seed: int
+    rate: float = 3.0
+    think: float = 0.7
+    mean_turns: float = 4.0
     zipf: float = 1.0
-    adapter_rank: int = 32
-    seed: int = 0
-    requests: list[DemoRequest] = field(default_factory=list)
-
-    def generate(self) -> list[DemoRequest]:
-        """Deterministic for a seed: turn k+1's prompt = turn k's prompt + answer + new text."""
-        rng = random.Random(self.seed)
-        weights = [1 / (i + 1) ** self.zipf for i in range(self.num_adapters)]
-        out: list[DemoRequest] = []
-        start = 0.0
-        vocab = 32000
-        for s in range(self.num_sessions):
-            start += rng.expovariate(self.session_rate)
-            a = rng.choices(range(self.num_adapters), weights)[0]
-            sys_rng = random.Random(10_000 + a)  # every session of an adapter shares its prompt
-            history = [sys_rng.randrange(vocab) for _ in range(self.system_prompt)]
-            t = start
-            for k in range(rng.randint(*self.turns)):
-                history = history + [rng.randrange(vocab) for _ in range(rng.randint(*self.user_tokens))]
-                answer = [rng.randrange(vocab) for _ in range(rng.randint(*self.output_tokens))]
-                out.append(DemoRequest(f"s{s}t{k}", s, f"lora-{a}", t, history, answer))
-                history = history + answer
-                t += rng.expovariate(1 / self.think_s) + len(answer) * STEP_S
-        out.sort(key=lambda r: r.arrival)
-        return out
+    system_len: int = 64
+    user_len: int = 32
+    answer_len: int = 16
+    conversations: int = 4
+    device_memory: int | None = None
+    host_memory: int | None = None
+    adapters: int = NUM_ADAPTERS
+    rank_hi: int = RANKS[0]
+    rank_lo: int = RANKS[1]
+    vocab: int = TINY_SHAPE["vocab_size"]
+    hidden: int = TINY_SHAPE["hidden_size"]
+    layers: int = TINY_SHAPE["num_hidden_layers"]
+    heads: int = TINY_SHAPE["num_attention_heads"]
+    kv_heads: int = TINY_SHAPE["num_key_value_heads"]
+    intermediate: int = TINY_SHAPE["intermediate_size"]
 
 
-def replay(policy: str, workload: DemoWorkload, cfg: CacheConfig,
-           progress: tqdm | None = None) -> dict[str, float]:
-    """Run the workload through one policy; return the table row."""
-    cache = CacheManager(cfg, get_policy(policy))
-    lora_bytes = LoraShape(workload.adapter_rank).nbytes(cfg.model)
-    for i in range(workload.num_adapters):
-        cache.register_adapter(f"lora-{i}", lora_bytes)
-    pending = list(workload.generate())
-    pending.reverse()
-    waiting: list[DemoRequest] = []
-    running: list[tuple[DemoRequest, object, int]] = []
-    now, invalid_sum, invalid_peak, steps, cost_s = 0.0, 0, 0, 0, 0.0
-    while pending or waiting or running:
-        while pending and pending[-1].arrival <= now:
-            waiting.append(pending.pop())
-        while waiting:
-            req = waiting[0]
-            adapter_tier = cache.adapter(req.adapter).tier
-            alloc = cache.allocate(req.rid, req.adapter, req.prompt, now, reserve_tokens=1)
-            if alloc is None:
-                break
-            waiting.pop(0)
-            running.append((req, alloc, 0))
-            cost_s += miss_cost(cache, alloc, adapter_tier)
-        still = []
-        for req, alloc, done in running:
-            done += 1
-            if done >= len(req.output):
-                cache.free(alloc, req.prompt + req.output[:-1], now)
-                if progress is not None:
-                    progress.update(1)
-            elif cache.append(alloc, len(req.prompt) + done + 1, now):
-                still.append((req, alloc, done))
-            else:  # no room to grow: give the blocks back and retry later (recompute)
-                cache.free(alloc, req.prompt + req.output[:done - 1], now)
-                waiting.insert(0, req)
-        running = still
-        cache.tick(now)
-        invalid = cache.invalid_kv_blocks
-        invalid_sum += invalid
-        invalid_peak = max(invalid_peak, invalid)
-        steps += 1
-        now += STEP_S
-    st = cache.stats
-    return {
-        "device_hit_rate": st.device_hit_rate,
-        "host_hit_rate": st.host_hit_rate,
-        "invalid_kv_blocks_mean": invalid_sum / max(1, steps),
-        "invalid_kv_blocks_peak": invalid_peak,
-        "moved_gib": sum(st.bytes_moved.values()) / GiB,
-        "adapter_loads": st.adapter_disk_loads + st.adapter_host_hits,
-        "est_cost_s": cost_s,
-        "requests": st.requests,
-    }
+def _log(msg: str) -> None:
+    print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-def miss_cost(cache: CacheManager, alloc, adapter_tier: Tier) -> float:
-    """Seconds this admission costs on the hardware profile: prefill of the missed suffix,
-    copying host hits back, loading the adapter. A TTFT proxy without queueing."""
-    hw = cache.cfg.hardware
-    cost = hw.prefill_time(len(alloc.tokens) - alloc.cached_tokens, alloc.cached_tokens)
-    cost += hw.h2d_time(cache.cfg.blocks_for_tokens(alloc.host_hit_tokens) * cache.cfg.block_bytes)
-    if adapter_tier is Tier.HOST:
-        cost += hw.h2d_time(alloc.adapter.nbytes)
-    elif adapter_tier is Tier.DISK:
-        cost += hw.disk_load_time(alloc.adapter.nbytes)
-    return cost
+def cache_dir() -> Path:
+    env = os.environ.get("FASTLIBRA_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "fastlibra"
 
 
-def demo_config(device_gib: float = 3.0, host_gib: float = 8.0) -> CacheConfig:
-    block_bytes = 16 * LLAMA2_7B.kv_bytes_per_token
-    return CacheConfig(model=LLAMA2_7B, block_size=16, hardware=A100_PCIE4,
-                       device_blocks=int(device_gib * GiB // block_bytes),
-                       host_blocks=int(host_gib * GiB // block_bytes))
+def cached_model() -> tuple[Path, dict[str, Path]]:
+    """The demo's model and adapters, built on first use and read from the cache after."""
+    params = {"format": BUILD_FORMAT, "num_adapters": NUM_ADAPTERS, "ranks": list(RANKS),
+              "seed": MODEL_SEED, "shape": TINY_SHAPE}
+    key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+    root = cache_dir() / f"demo-model-{key}"
+    manifest = root / MANIFEST
+    if manifest.exists():
+        _log(f"using the model and adapters cached in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)  # an interrupted build
+        _log(f"building a random Llama and {NUM_ADAPTERS} LoRA adapters in {root} (once)")
+        t = time.perf_counter()
+        base, adapters = build_tiny_model(root, num_adapters=NUM_ADAPTERS, ranks=RANKS,
+                                          seed=MODEL_SEED)
+        manifest.write_text(json.dumps({
+            **params, "model": base.name, "adapters": {n: p.name for n, p in adapters.items()},
+        }, indent=2) + "\n")
+        _log(f"built in {time.perf_counter() - t:.1f} s")
+    saved = json.loads(manifest.read_text())
+    return root / saved["model"], {n: root / p for n, p in saved["adapters"].items()}
 
 
 def run_demo(args) -> int:
-    workload = DemoWorkload(seed=args.seed)
-    cfg = demo_config()
-    n = len(workload.generate())
-    print(f"{n} requests in {workload.num_sessions} chat sessions over {workload.num_adapters} "
-          f"rank-{workload.adapter_rank} adapters (Zipf {workload.zipf}), {cfg.model.name} "
-          f"shapes; device pool {cfg.device_blocks} blocks, host pool {cfg.host_blocks} blocks "
-          f"of {cfg.block_bytes >> 20} MiB")
-    rows = {}
-    with tqdm(total=n * len(args.policy), desc="replaying", unit="req", leave=False) as bar:
-        for name in args.policy:
-            rows[name] = replay(name, workload, cfg, bar)
-    print(format_table(rows))
+    base, adapters = cached_model()
+    if args.serve:
+        from fastlibra.server import serve
+
+        policy = args.policy[0]
+        _log(f"serving {base.name} with adapters {', '.join(adapters)} under {policy} on "
+             f"http://{args.host}:{args.port} (Ctrl-C stops)")
+        serve(base, adapters, host=args.host, port=args.port, policy=policy)
+        return 0
+    result = replay_policies(base, adapters, args.policy, DemoSettings(args.duration, args.seed))
+    print(format_table(result["policies"]))
+    plot = Path(args.plot)
+    write_plot(result, plot)
+    _log(f"wrote {plot}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"policies": rows}, f, indent=2)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        _log(f"wrote {args.json}")
     return 0
 
 
-def format_table(rows: dict[str, dict[str, float]]) -> str:
-    head = (f"{'policy':16s} {'device hit':>10s} {'host hit':>9s} {'invalid KV':>11s} "
-            f"{'(peak)':>7s} {'moved GiB':>10s} {'adapter loads':>14s} {'est. cost s':>12s}")
+def replay_policies(base: Path, adapters: dict[str, Path], policies: list[str],
+                    settings: DemoSettings) -> dict:
+    """The same workload and budget through each policy: {"workload", "budget",
+    "policies": {name: summary row}, "ttft_ms": {name: per-request TTFTs}}."""
+    import torch
+
+    from fastlibra.model.replay import default_budget, replay_policy, workload_spec
+    from fastlibra.workloads import iter_turns, make_workload
+
+    torch.set_num_threads(1)  # tiny matmuls: more threads only add spin-waiting
+    firsts = make_workload(workload_spec(settings))
+    turns = len(list(iter_turns(firsts)))
+    if not turns:
+        raise ValueError("the workload is empty; raise --duration")
+    device, host = default_budget(settings, adapters)
+    _log(f"workload: {len(firsts)} chat sessions, {turns} turns over {len(adapters)} adapters "
+         f"(Zipf {settings.zipf}), {settings.duration:.0f} s of arrivals; device budget "
+         f"{device / MiB:.2f} MiB (adapters + {settings.conversations} x 256 tokens of KV), "
+         f"host {host / MiB:.1f} MiB")
+    rows, ttfts = {}, {}
+    for policy in policies:
+        _log(f"replaying through {policy} in real time (~{settings.duration:.0f} s + the "
+             "last turns)")
+        r = replay_policy(policy, base, adapters, [x.fresh_copy() for x in firsts], settings,
+                          device, host, log=_log)
+        ttfts[policy] = [1e3 * d["ttft"] for d in r.pop("requests_detail")]
+        r["adapter_loads"] = r["adapter_host_hits"] + r["adapter_disk_loads"]
+        rows[policy] = r
+        _log(f"  {policy}: {r['requests']} requests, mean TTFT {r['ttft_mean_ms']:.1f} ms")
+    return {"workload": {"sessions": len(firsts), "turns": turns, "adapters": len(adapters),
+                         "duration_s": settings.duration, "rate": settings.rate,
+                         "seed": settings.seed},
+            "budget": {"device_bytes": device, "host_bytes": host},
+            "policies": rows, "ttft_ms": ttfts}
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    head = (f"{'policy':<10} {'reqs':>5} {'TTFT mean':>10} {'p99':>9} {'dev hit':>8} "
+            f"{'host hit':>9} {'invalid KV':>11} {'(peak)':>7} {'moved MiB':>10} "
+            f"{'adapter loads':>14}")
     lines = [head, "-" * len(head)]
     for name, r in rows.items():
-        lines.append(f"{name:16s} {r['device_hit_rate']:10.1%} {r['host_hit_rate']:9.1%} "
-                     f"{r['invalid_kv_blocks_mean']:11.1f} {r['invalid_kv_blocks_peak']:7d} "
-                     f"{r['moved_gib']:10.2f} {r['adapter_loads']:14d} {r['est_cost_s']:12.2f}")
-    lines.append("hit rates: share of prompt tokens served from cache; invalid KV: device "
-                 "blocks of KV whose adapter is not on device (mean over steps); est. cost: prefill of\n"
-                 "missed tokens + host-hit copies + adapter loads on the hardware profile, summed "
-                 "over requests (a TTFT proxy without queueing)")
+        lines.append(f"{name:<10} {r['requests']:>5} {r['ttft_mean_ms']:>8.1f}ms "
+                     f"{r['ttft_p99_ms']:>7.1f}ms {r['device_hit_rate']:>8.1%} "
+                     f"{r['host_hit_rate']:>9.1%} {r['invalid_kv_blocks_mean']:>11.1f} "
+                     f"{r['invalid_kv_blocks_peak']:>7} "
+                     f"{sum(r['bytes_moved'].values()) / MiB:>10.2f} {r['adapter_loads']:>14}")
+    if "fastlibra" in rows:
+        ours = rows["fastlibra"]["ttft_mean_ms"]
+        for name, r in rows.items():
+            if name != "fastlibra":
+                cut = 1 - ours / r["ttft_mean_ms"]
+                lines.append(f"fastlibra mean TTFT vs {name}: {abs(cut):.0%} "
+                             f"{'lower' if cut >= 0 else 'higher'}")
+    lines.append("hit rates: prompt tokens whose KV came from the device / host pool; invalid "
+                 "KV: device blocks of KV whose\nadapter is not on the device (mean over "
+                 "steps, peak); moved: bytes copied between disk, host and device;\nadapter "
+                 "loads: requests whose adapter had to be brought to the device. Real time on "
+                 "this machine's CPU.")
     return "\n".join(lines)
+
+
+def write_plot(result: dict, path: Path) -> None:
+    """TTFT CDF per policy (left) and mean TTFT per policy (right)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    cdf, bars = fig.subplots(1, 2, width_ratios=(3, 2))
+    for name, ttft in result["ttft_ms"].items():
+        xs = sorted(ttft)
+        cdf.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=name)
+    cdf.set(xscale="log", xlabel="TTFT (ms, log scale)", ylabel="share of requests",
+            title="TTFT CDF")
+    cdf.grid(alpha=0.3)
+    cdf.legend()
+    rows = result["policies"]
+    means = [r["ttft_mean_ms"] for r in rows.values()]
+    bars.bar(list(rows), means, color=[f"C{i}" for i in range(len(rows))])
+    for i, m in enumerate(means):
+        bars.annotate(f"{m:.1f}", (i, m), ha="center", va="bottom")
+    bars.set(ylabel="ms", title="mean TTFT")
+    w = result["workload"]
+    fig.suptitle(f"fastlibra demo: {w['turns']} chat turns over {w['adapters']} LoRA "
+                 "adapters, real engine on CPU, same device budget")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)

@@ -33,7 +33,6 @@ from fastlibra.engine.request import Request, RequestState
 from fastlibra.model.executor import ArenaMover, ModelExecutor
 from fastlibra.model.forward import KVCache, ModelRunner
 from fastlibra.model.loader import default_device, load_model, resolve_dtype
-from fastlibra.model.lora import load_adapter
 from fastlibra.model.sampling import (
     IncrementalDetokenizer,
     OutputTracker,
@@ -140,18 +139,16 @@ class LLM:
                              f"({block_bytes} bytes = {block_size} tokens); give it more")
         host_blocks = max(0, host_memory) // block_bytes
 
-        self.max_lora_rank = max_lora_rank
-        self.dtype = dt
-        sizes: dict[str, int] = {}
-        paths = {name: Path(p) for name, p in (adapters or {}).items()}
-        for name, path in paths.items():  # read and check every adapter now, keep its size
-            sizes[name] = self._adapter_bytes(name, path)
         self.runner = ModelRunner(self.weights, KVCache(cfg, device_blocks, block_size, dt, dev))
-        self.mover = ArenaMover(self.runner, host_blocks, paths, max_rank=max_lora_rank,
+        self.mover = ArenaMover(self.runner, host_blocks, max_rank=max_lora_rank,
                                 clock=self._clock)
+        sizes = {name: self.mover.read_adapter(name, path)  # read and check each one now
+                 for name, path in (adapters or {}).items()}
         self.cache = CacheManager(CacheConfig(model=shape, device_blocks=device_blocks,
                                               host_blocks=host_blocks, block_size=block_size),
                                   policy, mover=self.mover)
+        if self.cache.device_adapter_pool is not self.cache.device_kv_pool:
+            self.mover.adapter_block_offset = self.cache.device_kv_pool.capacity
         for name, nbytes in sizes.items():
             self.cache.register_adapter(name, nbytes)
         self.mover.sync_adapters(self.cache)  # policies that start adapters in host memory
@@ -178,11 +175,6 @@ class LLM:
         return self.engine.scheduler.allocs[request_id]
 
     # -- adapters ------------------------------------------------------------------------
-    def _adapter_bytes(self, name: str, path: Path) -> int:
-        """Read and check a PEFT directory against the base model; its size in bytes."""
-        return load_adapter(path, self.model_config, max_rank=self.max_lora_rank, name=name,
-                            dtype=self.dtype, device="cpu").nbytes
-
     @property
     def adapter_names(self) -> list[str]:
         """The adapters a request may name now (registered and not being unloaded)."""
@@ -199,9 +191,12 @@ class LLM:
                              "finish first, then the name can be loaded again")
         if name in self.cache.adapters:
             raise ValueError(f"adapter {name!r} is already loaded; unload it first")
-        nbytes = self._adapter_bytes(name, Path(path))
-        self.cache.register_adapter(name, nbytes)
-        self.mover.add_adapter_path(name, path)
+        nbytes = self.mover.read_adapter(name, path)
+        try:
+            self.cache.register_adapter(name, nbytes)
+        except CacheError:
+            self.mover.forget_adapter(name)
+            raise
         self.mover.sync_adapters(self.cache)
 
     def remove_adapter(self, name: str) -> int:
@@ -220,7 +215,7 @@ class LLM:
         for name in list(self._draining - busy):
             self._draining.discard(name)
             self.cache.unregister_adapter(name)
-            self.mover.adapter_paths.pop(name, None)
+            self.mover.forget_adapter(name)
         self.mover.sync_adapters(self.cache)
 
     def stats(self) -> EngineStats:

@@ -10,9 +10,10 @@ that carries out the cache's copies.
     CacheManager.move ─Move─► ArenaMover.submit
         KV swap_out:  device arena[src] ──► host arena[dst]      (block-major, so one
         KV swap_in:   host arena[src]   ──► device arena[dst]     block = all layers)
-        adapter load / load_host / swap_in / swap_out: the adapter's tensors are loaded
-        from its directory or moved between devices; they live in `ModelRunner.adapters`
-        (not in the arena yet), so its blocks in the books carry no bytes.
+        adapter swap_out / swap_in: the same block copies (its weights live in blocks)
+        adapter load / load_host: read from its directory, packed into its blocks
+                                  (`lora.ArenaLayout`); on device the model runner
+                                  multiplies views of those blocks, never a copy
 
 Copies are synchronous: `submit` returns after the bytes are in place, so nothing can
 write into the source blocks the cache has already freed (see `swapper.Move`), and the
@@ -26,8 +27,7 @@ weighs against recomputing. With no per-layer waiting, run the scheduler with
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from fastlibra.config import HardwareProfile
 from fastlibra.engine.engine import StepOutput
 from fastlibra.engine.scheduler import Batch
 from fastlibra.model.forward import ModelRunner, SeqInput
-from fastlibra.model.lora import LoraAdapter, LoraWeights, load_adapter
+from fastlibra.model.lora import ArenaLayout, LoraAdapter, load_adapter
 from fastlibra.model.sampling import GREEDY, Sampler, SamplingParams
 
 
@@ -110,36 +110,33 @@ class ModelExecutor:
         return StepOutput(duration, tokens)
 
 
-def adapter_to(adapter: LoraAdapter, device: torch.device | str,
-               pin: bool = False) -> LoraAdapter:
-    """The same adapter with its tensors on `device` (pinned host memory if `pin`)."""
-    def move(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device)
-        return t.pin_memory() if pin else t
-
-    return replace(adapter, weights={k: LoraWeights(move(w.a), move(w.b))
-                                     for k, w in adapter.weights.items()})
-
-
 class ArenaMover:
-    """The cache's `Mover` for the real model: KV blocks between the device arena and a
-    host arena of the same layout, adapters between disk, host and the model runner.
+    """The cache's `Mover` for the real model: blocks between the device arena and a host
+    arena of the same layout (KV and adapters alike), adapters from their directories.
 
         host: [host_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
               (pinned when the device arena is on CUDA)
+
+    With a static adapter region (`vllm`, `sglang`), the cache numbers the adapter pool's
+    blocks from 0: they are the arena blocks after the KV pool's (`adapter_block_offset`).
     """
 
-    def __init__(self, model: ModelRunner, host_blocks: int,
-                 adapter_paths: Mapping[str, str | Path] | None = None, *,
-                 max_rank: int = 256, hardware: HardwareProfile | None = None,
+    def __init__(self, model: ModelRunner, host_blocks: int, *, max_rank: int = 256, hardware: HardwareProfile | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> None:
         self.model = model
         data = model.kv.data
         self.device = data.device
-        self.host = torch.empty((host_blocks, *data.shape[1:]), dtype=data.dtype,
+        # Zeros, not empty: a block's unused tail (an adapter's last block) travels with
+        # it and may later sit in a KV block's masked slots, where NaN garbage would
+        # poison attention (masked weights are 0, but 0 * NaN is NaN).
+        self.host = torch.zeros((host_blocks, *data.shape[1:]), dtype=data.dtype,
                                 pin_memory=data.is_cuda)
-        self.adapter_paths: dict[str, Path] = {k: Path(v) for k, v in (adapter_paths or {}).items()}
-        self.host_adapters: dict[str, LoraAdapter] = {}
+        self.adapter_paths: dict[str, Path] = {}
+        self.layouts: dict[str, tuple[LoraAdapter, ArenaLayout]] = {}
+        """Per adapter: its metadata (no tensors) and where its weights sit in blocks."""
+        self.on_host: dict[str, list[int]] = {}
+        """Adapters whose bytes are in the host arena, and in which blocks."""
+        self.adapter_block_offset = 0
         self.max_rank = max_rank
         self.hw = hardware or HardwareProfile()
         self.clock = clock
@@ -159,9 +156,9 @@ class ArenaMover:
     def submit(self, move: Move, now: float) -> float:
         t0 = self.clock()
         if isinstance(move.node, AdapterNode):
-            self._move_adapter(move.kind, move.node.name)
+            self._move_adapter(move)
         else:
-            self._move_kv(move)
+            self._copy_blocks(move)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = self.clock() - t0
@@ -173,65 +170,114 @@ class ArenaMover:
             self.bandwidth[move.kind] = bw + (move.nbytes / seconds - bw) / 4
         return now
 
-    # -- KV ------------------------------------------------------------------------------
-    def _move_kv(self, move: Move) -> None:
+    # -- blocks ---------------------------------------------------------------------------
+    def _copy_blocks(self, move: Move, offset: int = 0) -> None:
+        """swap_out: device[src] -> host[dst]; swap_in: host[src] -> device[dst]."""
         if len(move.src_blocks) != len(move.dst_blocks):
             raise ValueError(f"{move.kind.value}: {len(move.src_blocks)} source blocks, "
                              f"{len(move.dst_blocks)} destination blocks")
         dev = self.model.kv.data
         if move.kind is MoveKind.SWAP_OUT:
-            src = torch.tensor(move.src_blocks, dtype=torch.long, device=self.device)
+            src = torch.tensor([b + offset for b in move.src_blocks], dtype=torch.long,
+                               device=self.device)
             self.host[torch.tensor(move.dst_blocks, dtype=torch.long)] = dev[src].cpu()
         elif move.kind is MoveKind.SWAP_IN:
-            dst = torch.tensor(move.dst_blocks, dtype=torch.long, device=self.device)
+            dst = torch.tensor([b + offset for b in move.dst_blocks], dtype=torch.long,
+                               device=self.device)
             dev[dst] = self.host[torch.tensor(move.src_blocks, dtype=torch.long)].to(self.device)
         else:
-            raise ValueError(f"a KV node cannot {move.kind.value}: KV has no file on disk")
+            raise ValueError(f"{move.kind.value} is not a block copy (KV has no file on disk)")
 
     # -- adapters ------------------------------------------------------------------------
-    def add_adapter_path(self, name: str, path: str | Path) -> None:
+    @property
+    def block_elems(self) -> int:
+        return self.model.kv.data[0].numel()
+
+    def read_adapter(self, name: str, path: str | Path) -> int:
+        """Read and check adapter `name` in `path`; remember where it goes. Returns the
+        bytes of the arena blocks it occupies (what the cache should book)."""
+        adapter = self.load_from(name, Path(path))
+        layout = ArenaLayout(adapter, self.block_elems)
         self.adapter_paths[name] = Path(path)
+        self.layouts[name] = (_metadata(adapter), layout)
+        return layout.num_blocks * self.model.kv.block_bytes
 
-    def load(self, name: str, device: torch.device | str) -> LoraAdapter:
-        """Read and validate adapter `name` from its directory onto `device`."""
-        if name not in self.adapter_paths:
-            raise KeyError(f"adapter {name!r} has no directory; add it with add_adapter_path")
-        return load_adapter(self.adapter_paths[name], self.model.cfg, max_rank=self.max_rank,
-                            name=name, dtype=self.model.w.dtype, device=device)
+    def forget_adapter(self, name: str) -> None:
+        self.adapter_paths.pop(name, None)
+        self.layouts.pop(name, None)
+        self.on_host.pop(name, None)
 
-    def _install(self, adapter: LoraAdapter) -> None:
-        if adapter.name in self.model.adapters:
-            self.model.remove_adapter(adapter.name)  # a stale copy of a dropped adapter
-        self.model.add_adapter(adapter)
+    def load_from(self, name: str, path: Path) -> LoraAdapter:
+        return load_adapter(path, self.model.cfg, max_rank=self.max_rank, name=name,
+                            dtype=self.model.w.dtype, device="cpu")
 
-    def _move_adapter(self, kind: MoveKind, name: str) -> None:
-        pin = self.device.type == "cuda"
+    def _flat(self, arena: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        return [arena[b].view(-1) for b in blocks]
+
+    def _device_blocks(self, blocks: list[int]) -> list[int]:
+        return [b + self.adapter_block_offset for b in blocks]
+
+    def _install(self, name: str, device_blocks: list[int]) -> None:
+        """Register the adapter with the model runner as views of its device blocks."""
+        meta, layout = self.layouts[name]
+        if name in self.model.adapters:
+            self.model.remove_adapter(name)  # a stale entry of a dropped adapter
+        views = layout.views(self._flat(self.model.kv.data, self._device_blocks(device_blocks)))
+        self.model.add_adapter(LoraAdapter(meta.name, meta.rank, meta.scaling,
+                                           meta.target_modules, {}, meta.path, views))
+
+    def _write(self, name: str, arena: torch.Tensor, blocks: list[int]) -> None:
+        """Read the adapter's file and pack it into `blocks` of `arena`."""
+        _, layout = self.layouts[name]
+        adapter = self.load_from(name, self.adapter_paths[name])
+        if arena.is_cuda:
+            staging = torch.zeros((len(blocks), self.block_elems), dtype=arena.dtype)
+            layout.write(adapter, list(staging))
+            arena[torch.tensor(blocks, dtype=torch.long, device=arena.device)] = \
+                staging.view(len(blocks), *arena.shape[1:]).to(arena.device)
+        else:
+            layout.write(adapter, self._flat(arena, blocks))
+
+    def _move_adapter(self, move: Move) -> None:
+        name = move.node.name
+        if name not in self.layouts:
+            raise KeyError(f"adapter {name!r} has no directory; read it with read_adapter")
+        kind = move.kind
         if kind is MoveKind.LOAD:
-            self._install(self.load(name, self.device))
+            self._write(name, self.model.kv.data, self._device_blocks(move.dst_blocks))
+            self._install(name, move.dst_blocks)
         elif kind is MoveKind.LOAD_HOST:
-            self.host_adapters[name] = adapter_to(self.load(name, "cpu"), "cpu", pin)
+            self._write(name, self.host, move.dst_blocks)
+            self.on_host[name] = list(move.dst_blocks)
         elif kind is MoveKind.SWAP_IN:
-            host = self.host_adapters.pop(name, None)
-            self._install(adapter_to(host, self.device) if host is not None
-                          else self.load(name, self.device))
+            self._copy_blocks(move, self.adapter_block_offset)
+            self.on_host.pop(name, None)
+            self._install(name, move.dst_blocks)
         elif kind is MoveKind.SWAP_OUT:
-            self.host_adapters[name] = adapter_to(self.model.adapters[name], "cpu", pin)
+            self._copy_blocks(move, self.adapter_block_offset)
             self.model.remove_adapter(name)
+            self.on_host[name] = list(move.dst_blocks)
 
     def sync_adapters(self, cache: CacheManager) -> None:
         """Match the cache's books where they change without a move: forget copies it
         dropped (a drop moves nothing), and read the adapters it placed in host memory
         at registration. Afterwards the model runner holds exactly the adapters the cache
-        has on device, and the host store those it has on host."""
+        has on device, and the host arena those it has on host."""
         for name in list(self.model.adapters):
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.DEVICE:
                 self.model.remove_adapter(name)
-        for name in list(self.host_adapters):
+        for name in list(self.on_host):
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.HOST:
-                del self.host_adapters[name]
+                del self.on_host[name]
         for name, node in cache.adapters.items():
-            if node.tier is Tier.HOST and name not in self.host_adapters \
-                    and name in self.adapter_paths:
-                self._move_adapter(MoveKind.LOAD_HOST, name)
+            if node.tier is Tier.HOST and name not in self.on_host and name in self.layouts:
+                self._write(name, self.host, node.blocks)
+                self.on_host[name] = list(node.blocks)
+
+
+def _metadata(adapter: LoraAdapter) -> LoraAdapter:
+    """The adapter without tensors: what `_install` needs besides the views."""
+    return LoraAdapter(adapter.name, adapter.rank, adapter.scaling, adapter.target_modules,
+                       {}, adapter.path, {})

@@ -361,10 +361,9 @@ class ModelRunner:
         y = F.linear(x, getattr(lw, module), lw.biases.get(module)) if packed is None \
             else _packed_linear(x, packed, lw.biases.get(module))
         for start, end, ad in step.segments:
-            pair = ad.weights.get((layer, module))
-            if pair is not None:
-                xa = (x[start:end] @ pair.a.T).mul_(ad.scaling)  # [rows, rank]
-                y[start:end].addmm_(xa, pair.b.T)
+            for a, bt in ad.parts.get((layer, module), ()):
+                xa = (x[start:end] @ a.T).mul_(ad.scaling)  # [rows, rank part]
+                y[start:end].addmm_(xa, bt)
         return y
 
     def _context(self, layer: int, k: torch.Tensor, v: torch.Tensor,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,6 +47,11 @@ class LoraWeights:
     b: torch.Tensor  # [out_features, rank]
 
 
+Parts = dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]]
+"""(layer, module) -> [(A rows [k, in], B^T rows [k, out]), ...]: the low-rank update
+split along the rank (sum of the parts' products = scaling * x @ A.T @ B.T)."""
+
+
 @dataclass
 class LoraAdapter:
     name: str
@@ -54,8 +59,16 @@ class LoraAdapter:
     scaling: float
     target_modules: tuple[str, ...]
     weights: dict[tuple[int, str], LoraWeights]
-    """(layer index, module name) -> A and B; layers PEFT left out have no entry."""
+    """(layer index, module name) -> A and B as read; layers PEFT left out have no entry.
+    Empty once the adapter lives in arena blocks (then only `parts` hold its bytes)."""
     path: Path
+    parts: Parts = field(default_factory=dict)
+    """What the forward pass multiplies: one part per key for separate tensors, or the
+    chunks that fit in arena blocks (`ArenaLayout.views`)."""
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            self.parts = {k: [(w.a, w.b.T)] for k, w in self.weights.items()}
 
     def shape(self, dtype_bytes: int = 2) -> LoraShape:
         """The cache-sizing view (blocks this adapter occupies)."""
@@ -64,6 +77,74 @@ class LoraAdapter:
     @property
     def nbytes(self) -> int:
         return sum(w.a.nbytes + w.b.nbytes for w in self.weights.values())
+
+
+@dataclass(frozen=True)
+class ArenaChunk:
+    """Rank rows [row, row + rows) of one (layer, module) update, stored in one block:
+    `rows x fan_in` elements of A, then `rows x fan_out` of B^T, from `offset`."""
+
+    key: tuple[int, str]
+    row: int
+    rows: int
+    block: int
+    """Index into the adapter's own list of blocks."""
+    offset: int
+    fan_in: int
+    fan_out: int
+
+
+class ArenaLayout:
+    """Where an adapter's weights go in a list of arena blocks of `block_elems` elements.
+
+    Rank rows are packed first-fit in (layer, module) order and a chunk never straddles
+    two blocks, so every part is a plain view of one block: the forward pass reads the
+    weights in place, and a swap copies whole blocks exactly as it copies KV. A matrix
+    whose rows do not fit one block becomes several parts (its rank split)."""
+
+    def __init__(self, adapter: LoraAdapter, block_elems: int) -> None:
+        self.chunks: list[ArenaChunk] = []
+        block, offset = 0, 0
+        for key in sorted(adapter.weights):
+            w = adapter.weights[key]
+            fan_in, fan_out = w.a.shape[1], w.b.shape[0]
+            row_elems = fan_in + fan_out
+            if row_elems > block_elems:
+                raise ValueError(f"adapter {adapter.name!r}: one rank row of {key[1]} needs "
+                                 f"{row_elems} elements but a block holds {block_elems}; "
+                                 "use a larger block size")
+            row = 0
+            while row < adapter.rank:
+                fit = (block_elems - offset) // row_elems
+                if fit == 0:
+                    block, offset = block + 1, 0
+                    continue
+                rows = min(fit, adapter.rank - row)
+                self.chunks.append(ArenaChunk(key, row, rows, block, offset, fan_in, fan_out))
+                row += rows
+                offset += rows * row_elems
+        self.num_blocks = block + 1 if self.chunks else 0
+
+    def write(self, adapter: LoraAdapter, blocks: list[torch.Tensor]) -> None:
+        """Copy the adapter's weights into `blocks` (flat views, one per block)."""
+        for c in self.chunks:
+            w = adapter.weights[c.key]
+            flat = blocks[c.block]
+            a_end = c.offset + c.rows * c.fan_in
+            flat[c.offset:a_end].copy_(w.a[c.row:c.row + c.rows].reshape(-1))
+            flat[a_end:a_end + c.rows * c.fan_out].copy_(
+                w.b[:, c.row:c.row + c.rows].T.reshape(-1))
+
+    def views(self, blocks: list[torch.Tensor]) -> Parts:
+        """The parts as views of `blocks` (no copy)."""
+        parts: Parts = {}
+        for c in self.chunks:
+            flat = blocks[c.block]
+            a_end = c.offset + c.rows * c.fan_in
+            parts.setdefault(c.key, []).append(
+                (flat[c.offset:a_end].view(c.rows, c.fan_in),
+                 flat[a_end:a_end + c.rows * c.fan_out].view(c.rows, c.fan_out)))
+        return parts
 
 
 _FULL_NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)$")

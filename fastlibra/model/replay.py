@@ -2,8 +2,9 @@
 the real engine (`LLM`: Engine + Scheduler + CacheManager(policy) + ModelExecutor), once
 per cache policy, with the same device budget.
 
-    build (temp dir, once)   a random Llama (transformers) + N PEFT LoRAs (ranks 8/16,
-                             non-zero A and B), named lora-0 .. lora-{N-1}
+    build (temp dir, once)   `build_tiny_model`: a random Llama (transformers) + N LoRAs
+                             in PEFT's format (ranks 16/8, non-zero A and B), named
+                             lora-0 .. lora-{N-1}
     workload                 `make_workload(chatbot)` with short lengths: token-id prompts,
                              Zipf over the adapters, closed-loop sessions
     per policy               a fresh `LLM` (same device / host bytes); wall-clock replay:
@@ -14,7 +15,8 @@ per cache policy, with the same device budget.
                                outputs are scripted by length: greedy, ignore_eos,
                                max_tokens = the workload's answer length
     measured                 TTFT = first-token wall time - arrival wall time (queueing
-                             behind a busy step included), TPOT, the cache's hit rates
+                             behind a busy step included), TPOT, the cache's hit rates,
+                             invalid KV on device after each step, bytes moved by kind
 
 The device budget defaults to the adapters' bytes plus `--conversations` x 256 tokens of
 KV: the pool is under pressure, so policies differ in what they keep.
@@ -30,11 +32,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from fastlibra.model.tiny import build_tiny_model
 from fastlibra.workloads import WorkloadSpec, make_workload
 
 BLOCK_SIZE = 16
@@ -48,35 +51,13 @@ def _status(msg: str) -> None:
 
 # -- the model on disk -----------------------------------------------------------------
 def build_assets(root: Path, args) -> tuple[Path, dict[str, Path]]:
-    """A random Llama and `args.adapters` PEFT LoRAs (q/k/v/o, ranks alternating
-    args.rank_hi / args.rank_lo, non-zero A and B) saved by the real libraries."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(args.seed)
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      max_position_embeddings=2048)
-    model = AutoModelForCausalLM.from_config(cfg)
-    base = root / "base"
-    model.save_pretrained(base, safe_serialization=True)
-    adapters: dict[str, Path] = {}
-    for i in range(args.adapters):
-        rank = args.rank_hi if i % 2 == 0 else args.rank_lo
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            peft = get_peft_model(copy.deepcopy(model), LoraConfig(
-                r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-            with torch.no_grad():
-                for name, p in peft.named_parameters():
-                    if "lora_" in name:
-                        p.copy_(0.02 * torch.randn_like(p))
-            path = root / f"lora-{i}"
-            peft.save_pretrained(path)
-        adapters[f"lora-{i}"] = path
-    return base, adapters
+    """`build_tiny_model` with the command's shape: `args.adapters` LoRAs whose ranks
+    alternate args.rank_hi / args.rank_lo."""
+    return build_tiny_model(
+        root, num_adapters=args.adapters, ranks=(args.rank_hi, args.rank_lo), seed=args.seed,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads)
 
 
 def _adapter_bytes(paths: dict[str, Path]) -> int:
@@ -85,6 +66,14 @@ def _adapter_bytes(paths: dict[str, Path]) -> int:
 
 def _kv_bytes_per_token(args) -> int:
     return args.layers * 2 * args.kv_heads * (args.hidden // args.heads) * 4  # float32
+
+
+def default_budget(args, adapters: dict[str, Path]) -> tuple[int, int]:
+    """(device, host) bytes: the adapters plus `args.conversations` 256-token contexts of
+    KV on the device, so the pool is under pressure; 8x that on the host."""
+    device = args.device_memory or (_adapter_bytes(adapters)
+                                    + args.conversations * CONV_TOKENS * _kv_bytes_per_token(args))
+    return device, args.host_memory or 8 * device
 
 
 # -- the workload ------------------------------------------------------------------------
@@ -101,8 +90,10 @@ def workload_spec(args) -> WorkloadSpec:
 
 # -- one policy ----------------------------------------------------------------------------
 def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, args,
-                  device_memory: int, host_memory: int) -> dict:
-    """Replay the workload in real time through a fresh LLM; per-request timings."""
+                  device_memory: int, host_memory: int,
+                  log: Callable[[str], None] = _status) -> dict:
+    """Replay the workload in real time through a fresh LLM; per-request timings, and
+    the invalid KV on device after every step. `log` gets a progress line every 10 s."""
     from fastlibra.llm import LLM
     from fastlibra.model.sampling import SamplingParams
 
@@ -123,6 +114,7 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
     records: list[dict] = []
     steps = 0
     step_s = 0.0
+    invalid_sum = invalid_peak = 0
     t0 = time.perf_counter()
     next_report = 10.0
     while pending or live:
@@ -142,6 +134,9 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
         steps += 1
         step_s += t - s0
         t -= t0
+        invalid = llm.cache.invalid_kv_blocks
+        invalid_sum += invalid
+        invalid_peak = max(invalid_peak, invalid)
         for d in deltas:
             if d.token_ids and d.request_id not in first_tok:
                 first_tok[d.request_id] = t
@@ -164,8 +159,8 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
                 heapq.heappush(pending, (t + turn.think_s, seq, nxt, prompt + gen + user))
                 seq += 1
         if t >= next_report:
-            _status(f"  {policy}: t={t:.0f} s, {len(records)} done, {len(live)} running, "
-                    f"{len(pending)} pending")
+            log(f"  {policy}: t={t:.0f} s, {len(records)} done, {len(live)} running, "
+                f"{len(pending)} pending")
             next_report += 10.0
     wall = time.perf_counter() - t0
     st = llm.cache.stats
@@ -188,6 +183,9 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
         "adapter_disk_loads": st.adapter_disk_loads - stats0.adapter_disk_loads,
         "swap_ins": st.swap_ins - stats0.swap_ins, "swap_outs": st.swap_outs - stats0.swap_outs,
         "drops": st.drops - stats0.drops,
+        "invalid_kv_blocks_mean": invalid_sum / max(1, steps),
+        "invalid_kv_blocks_peak": invalid_peak,
+        "bytes_moved": {k: v - stats0.bytes_moved[k] for k, v in st.bytes_moved.items()},
         "requests_detail": records,
     }
 
@@ -242,8 +240,7 @@ def run_replay(args) -> int:
         base, adapters = build_assets(Path(tmp), args)
         kv_tok = _kv_bytes_per_token(args)
         ad_bytes = _adapter_bytes(adapters)
-        device = args.device_memory or ad_bytes + args.conversations * CONV_TOKENS * kv_tok
-        host = args.host_memory or 8 * device
+        device, host = default_budget(args, adapters)
         _status(f"built the model and {args.adapters} adapters in "
                 f"{time.perf_counter() - t:.1f} s; adapters {ad_bytes / 2**20:.2f} MiB, KV "
                 f"{kv_tok} B/token; device budget {device / 2**20:.2f} MiB "

@@ -13,11 +13,12 @@ from llmsetup import served_setup
 from tinymodels import BS, tokens
 
 from fastlibra.cache import CacheManager, MoveKind, Tier
+from fastlibra.cache.pool import BlockKind
 from fastlibra.cache.tree import KVNode
 from fastlibra.config import CacheConfig, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request
-from fastlibra.model import KVCache, ModelRunner, load_adapter, load_model
+from fastlibra.model import KVCache, ModelRunner, load_model
 from fastlibra.model.executor import ArenaMover, ModelExecutor
 
 
@@ -26,17 +27,19 @@ def served(tmp_path_factory):
     return served_setup(tmp_path_factory)
 
 
-def build(base, adapters, device_blocks=64, host_blocks=32, max_batched_tokens=64,
+def build(base, adapters, device_blocks=64, host_blocks=64, max_batched_tokens=64,
           policy="fastlibra"):
     """(engine, cache, mover, runner) on CPU, fp32; adapters registered at their real size."""
     w = load_model(base, device="cpu")
     runner = ModelRunner(w, KVCache(w.config, device_blocks, BS, torch.float32, "cpu"))
-    mover = ArenaMover(runner, host_blocks, adapters, max_rank=64)
+    mover = ArenaMover(runner, host_blocks, max_rank=64)
+    sizes = {name: mover.read_adapter(name, path) for name, path in adapters.items()}
     cache = CacheManager(CacheConfig(model=w.config.shape(dtype_bytes=4),
                                      device_blocks=device_blocks, host_blocks=host_blocks,
                                      block_size=BS), policy, mover=mover)
-    for name, path in adapters.items():
-        size = load_adapter(path, w.config, max_rank=64, name=name, device="cpu").nbytes
+    if cache.device_adapter_pool is not cache.device_kv_pool:
+        mover.adapter_block_offset = cache.device_kv_pool.capacity
+    for name, size in sizes.items():
         cache.register_adapter(name, size)
     mover.sync_adapters(cache)  # fastlibra starts adapters in host memory: read them
     holder: dict[str, Engine] = {}
@@ -61,7 +64,7 @@ def test_engine_on_the_model_matches_peft_greedy_with_chunked_prefill(served):
     for r in reqs:
         assert r.generated == ref.greedy(r.prompt, r.adapter, 6), r.request_id
     assert mover.bytes[MoveKind.SWAP_IN] == sum(cache.adapters[n].nbytes for n in ("a", "b"))
-    assert mover.bytes[MoveKind.LOAD] == 0 and not mover.host_adapters
+    assert mover.bytes[MoveKind.LOAD] == 0 and not mover.on_host
     assert set(runner.adapters) == {"a", "b"}
     cache.check_invariants()
 
@@ -85,7 +88,9 @@ def test_kv_swap_out_and_in_copy_exactly_the_node_blocks(served):
     cache.move(node, Tier.HOST, engine.now)
     assert node.tier is Tier.HOST
     torch.testing.assert_close(mover.host[node.blocks], before, atol=0, rtol=0)
-    kv.normal_()  # nothing on device may be trusted now
+    others = [b for b in range(kv.shape[0]) if cache.device_kv_pool.owner(b) is not
+              BlockKind.ADAPTER]
+    kv[others] = torch.randn_like(kv[others])  # no KV block on device may be trusted now
 
     cache.move(node, Tier.DEVICE, engine.now)
     torch.testing.assert_close(kv[node.blocks], before, atol=0, rtol=0)
@@ -103,7 +108,7 @@ def test_adapter_moves_follow_the_cache(served):
     engine.add_request(Request("r0", tokens(6, 51), 1, adapter="b"))
     engine.run()
     node = cache.adapters["b"]
-    want = runner.adapters["b"].weights[(0, "q_proj")].a.clone()
+    want = [(a.clone(), bt.clone()) for a, bt in runner.adapters["b"].parts[(0, "q_proj")]]
     cache.clear()  # drops the KV under b (and b itself: no running request pins it)
     assert node.tier is Tier.DISK and "b" in runner.adapters
     mover.sync_adapters(cache)
@@ -118,10 +123,13 @@ def test_adapter_moves_follow_the_cache(served):
     for child in list(node.children.values()):
         cache.drop(child)
     cache.move(node, Tier.HOST, engine.now)
-    assert "b" not in runner.adapters and "b" in mover.host_adapters
+    assert "b" not in runner.adapters and mover.on_host["b"] == node.blocks
     cache.move(node, Tier.DEVICE, engine.now)
-    assert "b" not in mover.host_adapters
-    torch.testing.assert_close(runner.adapters["b"].weights[(0, "q_proj")].a, want)
+    assert "b" not in mover.on_host
+    got = runner.adapters["b"].parts[(0, "q_proj")]
+    for (a, bt), (wa, wbt) in zip(got, want, strict=True):
+        torch.testing.assert_close(a, wa, atol=0, rtol=0)
+        torch.testing.assert_close(bt, wbt, atol=0, rtol=0)
     kinds = [k for k in MoveKind if mover.bytes[k]]
     assert kinds == [MoveKind.SWAP_OUT, MoveKind.SWAP_IN, MoveKind.LOAD]
     cache.check_invariants()

@@ -17,6 +17,7 @@ from llmsetup import served_setup, text, word
 from tinymodels import tokens
 
 from fastlibra.cache import RequestTooLarge, Tier, UnknownAdapter
+from fastlibra.cache.pool import BlockKind
 from fastlibra.cache.tree import KVNode
 from fastlibra.cli import main
 from fastlibra.llm import LLM, AsyncLLM, PromptTooLong
@@ -31,6 +32,14 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 @pytest.fixture
 def served(tmp_path_factory):
     return served_setup(tmp_path_factory)
+
+
+def poison_kv(llm: LLM) -> None:
+    """Overwrite every device block that is not an adapter's (adapters live in the same
+    arena: their blocks must survive)."""
+    pool = llm.cache.device_kv_pool
+    kv = [b for b in range(pool.capacity) if pool.owner(b) is not BlockKind.ADAPTER]
+    llm.runner.kv.data[kv] = torch.randn_like(llm.runner.kv.data[kv]) * 10
 
 
 def make_llm(served, device_kib=256, host_kib=256, **kw) -> LLM:
@@ -85,7 +94,7 @@ def test_i4_prefix_kv_computed_hit_swapped_or_recomputed_gives_the_same_output(s
     for node in device_kv(llm, "a"):
         llm.cache.move(node, Tier.HOST, llm.engine.now)
     assert not device_kv(llm, "a")
-    llm.runner.kv.data.normal_(0, 10)  # only the swap-in can bring the prefix back
+    poison_kv(llm)  # only the swap-in can bring the prefix back
     (swapped,) = llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
     assert swapped.cached_tokens == 12 and stats.host_hit_tokens == 12
     assert swapped.token_ids == ref.greedy(prefix + s3, "a", 8)
@@ -216,3 +225,37 @@ def test_async_stream_and_abort_frees_blocks_at_once(served):
     assert not llm.cache.running and not llm.has_unfinished
     llm.cache.check_invariants()
 
+
+
+@pytest.mark.parametrize("policy", ["fastlibra", "vllm"])
+def test_adapters_live_in_the_device_arena_blocks_the_cache_gave_them(served, policy):
+    """The unified pool for real: an adapter on device is views of its arena blocks (in
+    the KV pool for fastlibra, in the static adapter region after it for vllm), the
+    forward pass reads them in place, and KV never lands in them."""
+    _, _, ref = served
+    llm = make_llm(served, policy=policy)
+    prompt = tokens(9, 70)
+    (out,) = llm.generate(prompt, adapter="a", sampling=GREEDY)
+    assert out.token_ids == ref.greedy(prompt, "a", 8)
+
+    node = llm.cache.adapters["a"]
+    assert node.tier is Tier.DEVICE
+    arena = llm.runner.kv.data
+    offset = llm.mover.adapter_block_offset
+    assert offset == (0 if policy == "fastlibra" else llm.cache.device_kv_pool.capacity)
+    blocks = {b + offset for b in node.blocks}
+    block_ptrs = {arena[b].data_ptr() for b in blocks}
+    span = arena[0].nbytes
+    for parts in llm.runner.adapters["a"].parts.values():
+        for a, bt in parts:
+            for t in (a, bt):
+                start = t.data_ptr() - (t.data_ptr() - arena.data_ptr()) % span
+                assert start in block_ptrs
+    kv_blocks = {b for n in llm.cache.nodes() if isinstance(n, KVNode)
+                 and n.tier is Tier.DEVICE for b in n.blocks}
+    assert kv_blocks  # the prompt's KV is cached on device, beside the adapter
+    assert not kv_blocks & blocks
+
+    arena[sorted(blocks)] = 0.0  # zero the adapter's blocks: "a" is now the base model
+    (zeroed,) = llm.generate(tokens(9, 71), adapter="a", sampling=GREEDY)
+    assert zeroed.token_ids == ref.greedy(tokens(9, 71), None, 8)

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from tinymodels import llama_setup
 
 from fastlibra.model import AdapterLoadError, load_adapter, load_config
+from fastlibra.model.lora import ArenaLayout
 
 PREFIX = "base_model.model.model.layers"
 
@@ -193,3 +194,30 @@ def test_malformed_config_and_weights(adapter_copy):
     (d / "adapter_config.json").write_text("[1, 2")
     with pytest.raises(AdapterLoadError, match=r"adapter_config.json: malformed JSON"):
         _load(base, d)
+
+
+@pytest.mark.parametrize("block_elems", [4096, 1000, 200])
+def test_arena_layout_round_trips_every_weight_exactly(llama, block_elems):
+    """Packed into blocks of any size (a 200-element block holds one rank row of the MLP
+    at most: its matrices are split along the rank), the parts multiply out to the same
+    update as A and B, and every part is a view of a single block."""
+    base, adapters, _ = llama
+    cfg = load_config(base)
+    b = load_adapter(adapters["b"], cfg, max_rank=16, device="cpu")
+    layout = ArenaLayout(b, block_elems)
+    arena = torch.full((layout.num_blocks, block_elems), float("nan"))
+    layout.write(b, list(arena))
+    parts = layout.views(list(arena))
+    assert sorted(parts) == sorted(b.weights)
+    for key, w in b.weights.items():
+        update = sum(bt.T @ a for a, bt in parts[key])  # [out, in]
+        torch.testing.assert_close(update, w.b @ w.a, atol=1e-6, rtol=1e-6)
+        for a, bt in parts[key]:
+            for t in (a, bt):
+                assert t.untyped_storage().data_ptr() == arena.untyped_storage().data_ptr()
+    used = sum(c.rows * (c.fan_in + c.fan_out) for c in layout.chunks)
+    assert used == b.nbytes // 4  # every element once, no padding inside a chunk
+    if block_elems == 200:
+        assert max(len(p) for p in parts.values()) == b.rank  # one row per block
+    with pytest.raises(ValueError, match="use a larger block size"):
+        ArenaLayout(b, 150)  # a gate_proj row (64 + 128) does not fit

@@ -45,6 +45,9 @@ def test_bench_replay_two_policies(tmp_path, capsys):
         assert r["ttft_p50_ms"] <= r["ttft_p99_ms"]
         for key in ("device_hit_rate", "host_hit_rate"):
             assert 0.0 <= r[key] <= 1.0, (p, key)
+        assert 0 <= r["invalid_kv_blocks_mean"] <= r["invalid_kv_blocks_peak"]
+        assert set(r["bytes_moved"]) == {"swap_out", "swap_in", "load", "load_host"}
+        assert min(r["bytes_moved"].values()) >= 0
         detail = res["requests"][p]
         assert len(detail) == turns
         for d in detail:
@@ -52,5 +55,6 @@ def test_bench_replay_two_policies(tmp_path, capsys):
             assert d["finish_reason"] == "length"
         # follow-up turns extend what the model generated, so the reusing policies hit
     assert res["policies"]["fastlibra"]["device_hit_rate"] > 0
+    assert res["policies"]["fastlibra"]["invalid_kv_blocks_peak"] == 0  # the dependency rule
     assert math.isfinite(res["ttft_reduction_vs"]["vllm"])
     assert isinstance(res["target"]["met"], bool)
