@@ -66,6 +66,10 @@ class DemoSettings:
     intermediate: int = TINY_SHAPE["intermediate_size"]
 
 
+SERVED_NAME = "fastlibra-demo"
+"""The base model's id in `model` fields under `demo --serve` (adapters: lora-0, ...)."""
+
+
 def _log(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
@@ -104,9 +108,10 @@ def run_demo(args) -> int:
         from fastlibra.server import serve
 
         policy = args.policy[0]
-        _log(f"serving {base.name} with adapters {', '.join(adapters)} under {policy} on "
-             f"http://{args.host}:{args.port} (Ctrl-C stops)")
-        serve(base, adapters, host=args.host, port=args.port, policy=policy)
+        _log(f"serving {SERVED_NAME} with adapters {', '.join(adapters)} under {policy} on "
+             f"http://{args.host}:{args.port}/v1 (Ctrl-C stops)")
+        serve(base, adapters, host=args.host, port=args.port, policy=policy,
+              served_model_name=SERVED_NAME)
         return 0
     result = replay_policies(base, adapters, args.policy, DemoSettings(args.duration, args.seed))
     print(format_table(result["policies"]))

@@ -1,5 +1,15 @@
-"""The OpenAI-compatible HTTP server (`fastlibra serve`) and its benchmark client."""
+"""The OpenAI-compatible HTTP server (`fastlibra serve`) and its benchmark client.
 
-from fastlibra.server.app import ServerConfig, build_app, run_server, serve
+The server's names load on first use, so `fastlibra bench serve` (an HTTP client) does
+not import torch, the model code or FastAPI."""
 
-__all__ = ["ServerConfig", "build_app", "run_server", "serve"]
+_SERVER_NAMES = ("ServerConfig", "build_app", "run_server", "serve")
+__all__ = list(_SERVER_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _SERVER_NAMES:
+        from fastlibra.server import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module 'fastlibra.server' has no attribute {name!r}")
