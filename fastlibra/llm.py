@@ -152,7 +152,8 @@ class LLM:
         for name, nbytes in sizes.items():
             self.cache.register_adapter(name, nbytes)
         self.mover.sync_adapters(self.cache)  # policies that start adapters in host memory
-        self.executor = ModelExecutor(self.runner, self._alloc, clock=self._clock)
+        self.executor = ModelExecutor(self.runner, self._alloc, clock=self._clock,
+                                      wait_for=self.mover.wait_for)
         self.engine = Engine(SchedulerConfig(max_num_seqs=max_num_seqs,
                                              max_batched_tokens=max_batched_tokens,
                                              layerwise_copies=False),
@@ -349,6 +350,10 @@ class LLM:
         self._finish(live)
         ids, text = live.tracker.take_delta()
         return Delta(request_id, text, ids, live.tracker.finish_reason)
+
+    def close(self) -> None:
+        """Finish the copies in flight and stop the copy thread."""
+        self.mover.close()
 
     def take_output(self, request_id: str) -> Output | None:
         return self._done.pop(request_id, None)
@@ -557,3 +562,4 @@ class AsyncLLM:
     def _shutdown(self) -> None:
         for rid in self.llm.unfinished_ids:
             self._abort(rid)
+        self.llm.close()

@@ -15,19 +15,25 @@ that carries out the cache's copies.
                                   (`lora.ArenaLayout`); on device the model runner
                                   multiplies views of those blocks, never a copy
 
-Copies are synchronous: `submit` returns after the bytes are in place, so nothing can
-write into the source blocks the cache has already freed (see `swapper.Move`), and the
-node is ready for compute at the `now` it was asked for (no step waits on it; its
-seconds show up in the step's wall time). `estimate` answers `now` plus the copy's
-expected seconds: what a synchronous copy costs the engine, the number the cost model
-weighs against recomputing. With no per-layer waiting, run the scheduler with
-`layerwise_copies=False`.
+Copies run on a copy thread (CPU) or on a side CUDA stream driven by that thread, in
+submission order, while the engine goes on scheduling and computing. `submit` does the
+bookkeeping at once (an adapter's views are installed, or removed, before its bytes
+move) and returns when the copy is expected to be done, so the scheduler leaves a
+request whose adapter or cached prefix is still in flight out of the next steps while
+others run. Before a forward pass the executor calls `wait_for` with the blocks and
+adapters that step touches: it waits only for the copies into those blocks, and for
+every pending swap-out (their source blocks are free in the books and this step may
+write into them). `async_copies=False` makes every copy synchronous instead. With no
+per-layer waiting, run the scheduler with `layerwise_copies=False`.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,9 +58,12 @@ class ModelExecutor:
 
     def __init__(self, model: ModelRunner, alloc_of: Callable[[str], Allocation],
                  sampler: Sampler | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 wait_for: Callable[[Iterable[int], set[str]], None] | None = None) -> None:
         self.model = model
         self.alloc_of = alloc_of
+        self.wait_for = wait_for
+        """`ArenaMover.wait_for`: blocks until the copies this step reads have landed."""
         self.sampler = sampler if sampler is not None else Sampler()
         self.clock = clock
         self._params: dict[str, SamplingParams] = {}
@@ -97,6 +106,9 @@ class ModelExecutor:
             complete.append(r.request_id)
             rows.append(len(seqs) - 1)
         tokens: dict[str, list[int]] = {}
+        if seqs and self.wait_for is not None:
+            self.wait_for({b for s in seqs for b in s.block_table},
+                          {s.adapter for s in seqs if s.adapter is not None})
         if seqs:
             logits = self.model.forward(seqs)  # [len(seqs), vocab]
             if rows:
@@ -121,8 +133,10 @@ class ArenaMover:
     blocks from 0: they are the arena blocks after the KV pool's (`adapter_block_offset`).
     """
 
-    def __init__(self, model: ModelRunner, host_blocks: int, *, max_rank: int = 256, hardware: HardwareProfile | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, model: ModelRunner, host_blocks: int, *, max_rank: int = 256,
+                 hardware: HardwareProfile | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 async_copies: bool = True) -> None:
         self.model = model
         data = model.kv.data
         self.device = data.device
@@ -146,6 +160,16 @@ class ArenaMover:
         self.seconds = {k: 0.0 for k in MoveKind}
         self.bytes = {k: 0 for k in MoveKind}
         self.moves = 0
+        self.async_copies = async_copies
+        self._worker = (ThreadPoolExecutor(1, thread_name_prefix="fastlibra-copy")
+                        if async_copies else None)
+        self._stream = torch.cuda.Stream(self.device) if async_copies and data.is_cuda else None
+        self._lock = threading.Lock()
+        self._inflight: list[Future] = []
+        self._swap_outs: list[Future] = []
+        self._block_ready: dict[int, Future] = {}
+        """Device block -> the copy writing into it (swap-in or load)."""
+        self._adapter_ready: dict[str, Future] = {}
 
     # -- the Mover protocol --------------------------------------------------------------
     def estimate(self, kind: MoveKind, nbytes: int, now: float) -> float:
@@ -154,21 +178,74 @@ class ArenaMover:
         return now + self.hw.disk_load_time(nbytes)
 
     def submit(self, move: Move, now: float) -> float:
+        """Book the move now, copy its bytes on the copy thread; returns when the copy is
+        expected to be done (`now` itself when copies are synchronous)."""
+        work = self._book(move)
+        if self._worker is None:
+            self._timed(move, work, None)
+            return now
+        event = None
+        if self._stream is not None and move.kind is MoveKind.SWAP_OUT:
+            event = torch.cuda.Event()
+            event.record()  # the copy must see what the compute stream wrote so far
+        fut = self._worker.submit(self._timed, move, work, event)
+        self._inflight = [f for f in self._inflight if not f.done()] + [fut]
+        if move.kind is MoveKind.SWAP_OUT:
+            self._swap_outs.append(fut)
+        elif move.kind in (MoveKind.SWAP_IN, MoveKind.LOAD):
+            offset = self.adapter_block_offset if isinstance(move.node, AdapterNode) else 0
+            for b in move.dst_blocks:
+                self._block_ready[b + offset] = fut
+            if isinstance(move.node, AdapterNode):
+                self._adapter_ready[move.node.name] = fut
+        return self.estimate(move.kind, move.nbytes, now)
+
+    def _timed(self, move: Move, work: Callable[[], None], event) -> None:
         t0 = self.clock()
-        if isinstance(move.node, AdapterNode):
-            self._move_adapter(move)
+        if self._stream is not None:
+            with torch.cuda.stream(self._stream):
+                if event is not None:
+                    self._stream.wait_event(event)
+                work()
+            self._stream.synchronize()
         else:
-            self._copy_blocks(move)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            work()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         seconds = self.clock() - t0
-        self.seconds[move.kind] += seconds
-        self.bytes[move.kind] += move.nbytes
-        self.moves += 1
-        if move.kind in self.bandwidth and seconds > 0 and move.nbytes:
-            bw = self.bandwidth[move.kind]
-            self.bandwidth[move.kind] = bw + (move.nbytes / seconds - bw) / 4
-        return now
+        with self._lock:
+            self.seconds[move.kind] += seconds
+            self.bytes[move.kind] += move.nbytes
+            self.moves += 1
+            if move.kind in self.bandwidth and seconds > 0 and move.nbytes:
+                bw = self.bandwidth[move.kind]
+                self.bandwidth[move.kind] = bw + (move.nbytes / seconds - bw) / 4
+
+    def wait_for(self, blocks: Iterable[int], adapters: Iterable[str]) -> None:
+        """Before a step: every pending swap-out, and the copies into `blocks` (device
+        arena ids) and into the given adapters' blocks."""
+        for fut in self._swap_outs:
+            fut.result()
+        self._swap_outs.clear()
+        waits = [self._block_ready.pop(b, None) for b in blocks]
+        waits += [self._adapter_ready.pop(a, None) for a in adapters]
+        for fut in waits:
+            if fut is not None:
+                fut.result()
+
+    def drain(self) -> None:
+        """Until every submitted copy is done."""
+        for fut in self._inflight:
+            fut.result()
+        self._inflight.clear()
+        self._swap_outs.clear()
+        self._block_ready.clear()
+        self._adapter_ready.clear()
+
+    def close(self) -> None:
+        self.drain()
+        if self._worker is not None:
+            self._worker.shutdown()
 
     # -- blocks ---------------------------------------------------------------------------
     def _copy_blocks(self, move: Move, offset: int = 0) -> None:
@@ -238,25 +315,29 @@ class ArenaMover:
         else:
             layout.write(adapter, self._flat(arena, blocks))
 
-    def _move_adapter(self, move: Move) -> None:
+    def _book(self, move: Move) -> Callable[[], None]:
+        """What changes at once (which adapters the model runner sees, and where), and
+        the byte copy that may run later."""
+        if not isinstance(move.node, AdapterNode):
+            return partial(self._copy_blocks, move)
         name = move.node.name
         if name not in self.layouts:
             raise KeyError(f"adapter {name!r} has no directory; read it with read_adapter")
         kind = move.kind
         if kind is MoveKind.LOAD:
-            self._write(name, self.model.kv.data, self._device_blocks(move.dst_blocks))
             self._install(name, move.dst_blocks)
-        elif kind is MoveKind.LOAD_HOST:
-            self._write(name, self.host, move.dst_blocks)
+            return partial(self._write, name, self.model.kv.data,
+                           self._device_blocks(move.dst_blocks))
+        if kind is MoveKind.LOAD_HOST:
             self.on_host[name] = list(move.dst_blocks)
-        elif kind is MoveKind.SWAP_IN:
-            self._copy_blocks(move, self.adapter_block_offset)
+            return partial(self._write, name, self.host, move.dst_blocks)
+        if kind is MoveKind.SWAP_IN:
             self.on_host.pop(name, None)
             self._install(name, move.dst_blocks)
-        elif kind is MoveKind.SWAP_OUT:
-            self._copy_blocks(move, self.adapter_block_offset)
+        else:
             self.model.remove_adapter(name)
             self.on_host[name] = list(move.dst_blocks)
+        return partial(self._copy_blocks, move, self.adapter_block_offset)
 
     def sync_adapters(self, cache: CacheManager) -> None:
         """Match the cache's books where they change without a move: forget copies it
@@ -273,6 +354,7 @@ class ArenaMover:
                 del self.on_host[name]
         for name, node in cache.adapters.items():
             if node.tier is Tier.HOST and name not in self.on_host and name in self.layouts:
+                self.drain()  # its host blocks may be the source of a copy in flight
                 self._write(name, self.host, node.blocks)
                 self.on_host[name] = list(node.blocks)
 

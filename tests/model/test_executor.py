@@ -28,11 +28,11 @@ def served(tmp_path_factory):
 
 
 def build(base, adapters, device_blocks=64, host_blocks=64, max_batched_tokens=64,
-          policy="fastlibra"):
+          policy="fastlibra", async_copies=True):
     """(engine, cache, mover, runner) on CPU, fp32; adapters registered at their real size."""
     w = load_model(base, device="cpu")
     runner = ModelRunner(w, KVCache(w.config, device_blocks, BS, torch.float32, "cpu"))
-    mover = ArenaMover(runner, host_blocks, max_rank=64)
+    mover = ArenaMover(runner, host_blocks, max_rank=64, async_copies=async_copies)
     sizes = {name: mover.read_adapter(name, path) for name, path in adapters.items()}
     cache = CacheManager(CacheConfig(model=w.config.shape(dtype_bytes=4),
                                      device_blocks=device_blocks, host_blocks=host_blocks,
@@ -43,7 +43,8 @@ def build(base, adapters, device_blocks=64, host_blocks=64, max_batched_tokens=6
         cache.register_adapter(name, size)
     mover.sync_adapters(cache)  # fastlibra starts adapters in host memory: read them
     holder: dict[str, Engine] = {}
-    executor = ModelExecutor(runner, lambda rid: holder["e"].scheduler.allocs[rid])
+    executor = ModelExecutor(runner, lambda rid: holder["e"].scheduler.allocs[rid],
+                             wait_for=mover.wait_for)
     engine = Engine(SchedulerConfig(max_batched_tokens=max_batched_tokens,
                                     layerwise_copies=False), cache, executor)
     holder["e"] = engine
@@ -87,16 +88,20 @@ def test_kv_swap_out_and_in_copy_exactly_the_node_blocks(served):
 
     cache.move(node, Tier.HOST, engine.now)
     assert node.tier is Tier.HOST
+    mover.drain()
     torch.testing.assert_close(mover.host[node.blocks], before, atol=0, rtol=0)
     others = [b for b in range(kv.shape[0]) if cache.device_kv_pool.owner(b) is not
               BlockKind.ADAPTER]
     kv[others] = torch.randn_like(kv[others])  # no KV block on device may be trusted now
 
     cache.move(node, Tier.DEVICE, engine.now)
+    mover.drain()
     torch.testing.assert_close(kv[node.blocks], before, atol=0, rtol=0)
     nbytes = 3 * cache.cfg.block_bytes
     assert mover.bytes[MoveKind.SWAP_OUT] == nbytes
-    assert mover.bytes[MoveKind.SWAP_IN] == nbytes + cache.adapters["a"].nbytes
+    on_device = [a for a in cache.adapters.values() if a.tier is Tier.DEVICE]  # a, and
+    assert cache.adapters["a"] in on_device  # b if the idle swapper prefetched it
+    assert mover.bytes[MoveKind.SWAP_IN] == nbytes + sum(a.nbytes for a in on_device)
     cache.check_invariants()
 
 
@@ -126,6 +131,7 @@ def test_adapter_moves_follow_the_cache(served):
     assert "b" not in runner.adapters and mover.on_host["b"] == node.blocks
     cache.move(node, Tier.DEVICE, engine.now)
     assert "b" not in mover.on_host
+    mover.drain()
     got = runner.adapters["b"].parts[(0, "q_proj")]
     for (a, bt), (wa, wbt) in zip(got, want, strict=True):
         torch.testing.assert_close(a, wa, atol=0, rtol=0)
@@ -135,15 +141,20 @@ def test_adapter_moves_follow_the_cache(served):
     cache.check_invariants()
 
 
-def test_estimate_uses_the_measured_bandwidth(served):
+@pytest.mark.parametrize("async_copies", [True, False])
+def test_estimate_uses_the_measured_bandwidth(served, async_copies):
     base, adapters, _ = served
-    engine, cache, mover, _ = build(base, adapters)
+    engine, cache, mover, _ = build(base, adapters, async_copies=async_copies)
     mover.bandwidth[MoveKind.SWAP_IN] = 1e9
     assert mover.estimate(MoveKind.SWAP_IN, 2_000_000, 5.0) == pytest.approx(5.002)
     engine.add_request(Request("r0", tokens(9, 54), 1))
     engine.run()
     (node,) = kv_nodes(cache, None)
     cache.move(node, Tier.HOST, engine.now)
+    mover.drain()
     assert mover.bandwidth[MoveKind.SWAP_OUT] != cache.cfg.hardware.d2h_bandwidth
-    # Synchronous copies: the node is ready when asked for.
-    assert cache.move(node, Tier.DEVICE, 7.0) == 7.0
+    mover.bandwidth[MoveKind.SWAP_IN] = 1e6
+    done = cache.move(node, Tier.DEVICE, 7.0)
+    # Synchronous: ready when asked for. On the copy thread: when the estimate says.
+    want = 7.0 + node.num_blocks * cache.cfg.block_bytes / 1e6 if async_copies else 7.0
+    assert done == pytest.approx(want)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -259,3 +261,41 @@ def test_adapters_live_in_the_device_arena_blocks_the_cache_gave_them(served, po
     arena[sorted(blocks)] = 0.0  # zero the adapter's blocks: "a" is now the base model
     (zeroed,) = llm.generate(tokens(9, 71), adapter="a", sampling=GREEDY)
     assert zeroed.token_ids == ref.greedy(tokens(9, 71), None, 8)
+
+
+def test_a_request_waits_only_for_its_own_copies(served):
+    """Copies run on the copy thread. A request whose adapter is being read from disk
+    (slowly: 0.3 s here, and the estimate says so) sits out the steps until its copy is
+    due, while a request that needs no copy decodes to the end meanwhile; then the
+    waiting one gets exactly the reference output."""
+    _, _, ref = served
+    llm = make_llm(served)
+    llm.cache.clear()  # every adapter back to its file
+    llm.mover.sync_adapters(llm.cache)
+    assert llm.cache.adapters["b"].tier is Tier.DISK
+
+    slow = 0.3
+    write = llm.mover._write
+
+    def slow_write(name, arena, blocks):
+        time.sleep(slow)
+        write(name, arena, blocks)
+
+    llm.mover._write = slow_write
+    llm.mover.hw = replace(llm.mover.hw, adapter_parse_s=slow)
+    prompt = tokens(10, 83)
+    waiting = llm.add_request(prompt, "b", GREEDY)
+    free = llm.add_request(tokens(5, 82), None, SamplingParams(temperature=0, max_tokens=4,
+                                                              ignore_eos=True))
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    t0 = time.perf_counter()
+    while llm.has_unfinished:
+        for d in llm.step():
+            now = time.perf_counter() - t0
+            first.setdefault(d.request_id, now)
+            if d.finish_reason:
+                done[d.request_id] = now
+    assert done[free] < first[waiting]  # it did not wait behind the other's copy
+    assert first[waiting] >= slow * 0.9
+    assert llm.take_output(waiting).token_ids == ref.greedy(prompt, "b", 8)
