@@ -31,11 +31,13 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model
+from fastlibra.model.lora import ArenaLayout
 
 BLOCK_SIZE = 16
 TARGETS = {"decode_b1": 1.0, "decode_b16": 3.0, "adapter_prefill": 1.3}
@@ -87,10 +89,17 @@ def load_ours(base: Path, adapter: Path, args) -> ModelRunner:
     weights = load_model(base, dtype=torch.float32, device="cpu")
     per_seq = -(-(args.prompt_len + args.decode_tokens + 1) // BLOCK_SIZE)
     need = max(max(args.batches) * per_seq, -(-args.prefill_len // BLOCK_SIZE))
-    runner = ModelRunner(weights, KVCache(weights.config, need, BLOCK_SIZE, torch.float32,
-                                          "cpu"))
-    runner.add_adapter(load_adapter(adapter, weights.config, max_rank=args.rank,
-                                    name="lora", dtype=torch.float32, device="cpu"))
+    lora = load_adapter(adapter, weights.config, max_rank=args.rank, name="lora",
+                        dtype=torch.float32, device="cpu")
+    # As in the engine: the adapter's weights live in arena blocks after the KV blocks,
+    # and the forward pass multiplies views of them.
+    cfg = weights.config
+    layout = ArenaLayout(lora, BLOCK_SIZE * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim)
+    kv = KVCache(weights.config, need + layout.num_blocks, BLOCK_SIZE, torch.float32, "cpu")
+    blocks = [kv.data[b].view(-1) for b in range(need, need + layout.num_blocks)]
+    layout.write(lora, blocks)
+    runner = ModelRunner(weights, kv)
+    runner.add_adapter(replace(lora, weights={}, parts=layout.views(blocks)))
     return runner
 
 
