@@ -303,3 +303,16 @@ def test_client_disconnect_mid_stream_frees_blocks_at_once(server):
     server.wait_idle(timeout=5)
     assert not server.llm.cache.running
     server.engine.call(server.llm.cache.check_invariants).result()
+
+
+def test_n_choices_stream_interleaved_and_count_the_prompt_once(client):
+    args = dict(model="a", prompt="w050 w051", max_tokens=4, temperature=1.0, n=3, seed=5,
+                extra_body=NO_EOS)
+    whole = client.completions.create(**args)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (2, 12)
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(**args, stream=True):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [texts[i] for i in range(3)] == [c.text for c in whole.choices]  # seeds: 5, 6, 7
