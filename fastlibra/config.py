@@ -168,9 +168,9 @@ class CacheConfig:
     hardware: HardwareProfile = field(default_factory=HardwareProfile)
     swapper: SwapperConfig = field(default_factory=SwapperConfig)
     decay_half_life_s: float = 15.0
-    """Half-life of a node's visit frequency; recency and frequency in one number. Short
-    lives track bursts (agent), long ones keep steady favourites (translation); 15 s was
-    the best single value over the four simulator workloads (BENCHMARKS.md)."""
+    """Starting half-life of a node's visit frequency (recency and frequency in one
+    number); the cost model then sets it to the measured mean gap between reuses of a KV
+    node (`cost.py`), since short lives suit bursts (agent) and long ones chat turns."""
     max_adapter_blocks: int = 0
     """Largest adapter in blocks, used to size static adapter slots; 0 = set when adapters
     are registered (the first adapter's size)."""

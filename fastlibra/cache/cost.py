@@ -3,7 +3,12 @@
     value(n) = reuse_rate(n) x miss_penalty(n) / blocks(n)
 
 reuse_rate is a visit count decayed with half-life H (recency and frequency in one number);
-nodes that requests already waiting in the queue will need rank above all others.
+nodes that requests already waiting in the queue will need rank above all others. H follows
+the workload: it is the running mean of the gaps between consecutive visits of a KV node
+(agent steps come seconds apart, chat turns tens of seconds), so a node unvisited for one
+typical reuse gap has lost half its evidence. A fixed H ranks by the wrong time scale on
+one workload or another: with 15 s, a finished agent burst (five visits, 14 s ago)
+outranks a live burst that started a second ago, which LRU keeps.
 miss_penalty is what the next visit pays if `n` is not where it is now:
 
     leaving the device, KV      -> min(bytes / h2d bandwidth if the host keeps it,
@@ -16,16 +21,28 @@ Because every node decays at the same rate, `log(value)` at time t equals
 `log(freq at t_last) + t_last * ln2/H + log(penalty/blocks) - t * ln2/H`: the last term is
 shared by all nodes, so ordering by the rest is ordering by value at *any* time. The
 swapper can therefore keep nodes in heaps whose keys change only when the node itself is
-visited or moved, instead of re-scoring every node every tick.
+visited or moved, instead of re-scoring every node every tick. When H moves by more than
+`REKEY_RATIO` the keys are rebuilt once (`on_rekey`, O(nodes)); the mean gap is steady
+after the first few hundred revisits, so that happens a handful of times per run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from fastlibra.cache.pool import Tier
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
 from fastlibra.config import CacheConfig
+
+GAP_WEIGHT = 1 / 256
+"""Weight of one revisit in the running mean of KV re-reference gaps (after the first 256,
+which are averaged plainly so that the prior is forgotten at once)."""
+REKEY_RATIO = 1.5
+"""H is re-set (and every key rebuilt) once the mean gap strays this far from it."""
+MIN_HALF_LIFE_S = 1.0
+"""Floor of H: a prefix shared by many short requests is revisited every few steps, and
+an H that short would forget within a second how popular a node is."""
 
 
 class CostModel:
@@ -35,14 +52,39 @@ class CostModel:
         self.cfg = cfg
         self.hw = cfg.hardware
         self.host_keeps_kv = host_keeps_kv
-        self.rate = math.log(2) / cfg.decay_half_life_s
         self.block_h2d_s = self.hw.h2d_time(cfg.block_bytes)
+        self.mean_gap = cfg.decay_half_life_s
+        """Running mean of KV re-reference gaps; `decay_half_life_s` until the first one."""
+        self.gaps_seen = 0
+        self.on_rekey: Callable[[], None] | None = None
+        """Called after H changed: every ranking key that reads `rate` is stale."""
+        self.half_life = cfg.decay_half_life_s
+        self.rate = math.log(2) / self.half_life
+
+    def set_half_life(self, half_life: float) -> None:
+        """Rank by a new H from now on (keys are rebuilt); the next revisits may move it."""
+        self.half_life = half_life
+        self.rate = math.log(2) / half_life
+        if self.on_rekey is not None:
+            self.on_rekey()
 
     # -- statistics ---------------------------------------------------------------------
     def visit(self, node: Node, now: float) -> None:
         """One more use of `node` at `now`: decay the old count, add one."""
-        node.freq = node.freq * math.exp(-self.rate * max(0.0, now - node.t_last)) + 1.0
+        gap = max(0.0, now - node.t_last)
+        node.freq = node.freq * math.exp(-self.rate * gap) + 1.0
         node.t_last = now
+        if isinstance(node, KVNode) and gap > 0:
+            self._observe_gap(gap)
+
+    def _observe_gap(self, gap: float) -> None:
+        """A KV node was reused `gap` seconds after its last use (or its creation). Two
+        visits at one instant (requests admitted together) needed no keeping: not a gap."""
+        self.gaps_seen += 1
+        self.mean_gap += max(GAP_WEIGHT, 1 / self.gaps_seen) * (gap - self.mean_gap)
+        target = max(MIN_HALF_LIFE_S, self.mean_gap)
+        if not 1 / REKEY_RATIO <= target / self.half_life <= REKEY_RATIO:
+            self.set_half_life(target)
 
     def inherit(self, node: Node, now: float) -> None:
         """A new KV leaf starts with its share of its parent's visits, not with one.

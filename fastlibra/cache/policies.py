@@ -67,6 +67,12 @@ class Policy:
     SGLang and FastLibra keep them; vLLM reads each from disk on first use into an LRU
     CPU cache."""
 
+    @property
+    def ranks_by_decay(self) -> bool:
+        """The ranking reads the cost model's decay rate, so its keys go stale when the
+        half-life adapts; LRU keys do not, and are left exactly as they were."""
+        return self.rank is _cost_rank
+
     def __post_init__(self) -> None:
         if self.adapter_share is not None and not 0 < self.adapter_share < 1:
             raise ValueError(f"policy {self.name}: adapter_share must be in (0, 1)")

@@ -87,6 +87,8 @@ class Swapper:
         self._seq = itertools.count()
         self._compacted: dict[int, int] = {}
         self._versions = itertools.count(1)
+        if self.policy.ranks_by_decay:
+            manager.cost.on_rekey = self.rekey
 
     # -- ranking ------------------------------------------------------------------------
     def touch(self, node: Node) -> None:
@@ -103,6 +105,15 @@ class Swapper:
             neg = (-dkey[0], -dkey[1])
             self._push(self._prefetch, (neg, next(self._seq), v, node))
         self._push(heap, (key, next(self._seq), v, node))
+
+    def rekey(self) -> None:
+        """The decay rate changed, so every key is stale: rebuild the heaps from the tree."""
+        for heap in self._evict.values():
+            heap.clear()
+        self._prefetch.clear()
+        self._compacted.clear()
+        for node in self.m.nodes():
+            self.touch(node)
 
     def _push(self, heap: list, entry: tuple) -> None:
         """Push, and compact the heap when stale entries have come to outnumber live ones."""

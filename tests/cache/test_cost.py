@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlibra.cache import Tier
-from fastlibra.cache.cost import CostModel, lru_key
+from fastlibra.cache.cost import MIN_HALF_LIFE_S, REKEY_RATIO, CostModel, lru_key
 from fastlibra.cache.tree import AdapterNode, KVNode
 from fastlibra.config import HardwareProfile
 
@@ -255,3 +255,47 @@ def test_key_orders_nodes_as_value_does_at_any_later_time(specs, tier, host_keep
                 assert not (gap > 1e-9 and values[i] >= values[j]), (nodes[i], nodes[j], dt)
                 assert not (keys[i] == keys[j] and
                             not math.isclose(values[i], values[j], rel_tol=1e-9))
+
+
+# -- the half-life follows the workload ------------------------------------------------------
+
+def test_half_life_follows_the_mean_gap_between_visits_of_a_kv_node():
+    cost = CostModel(make_cfg(half_life=15.0), host_keeps_kv=True)
+    rekeys = []
+    cost.on_rekey = lambda: rekeys.append(cost.half_life)
+    root = AdapterNode(parent=None, tier=Tier.DEVICE, name="a")
+    node = _kv(root, 8)
+    cost.visit(node, now=0.0)  # no earlier use: nothing learned, the prior stands
+    cost.visit(node, now=0.0)  # two uses at one instant: not a gap either
+    assert cost.half_life == 15.0 and rekeys == []
+    for t in (3.0, 6.0, 9.0):  # reused every 3 s: H becomes 3 s, keys rebuilt once
+        cost.visit(node, now=t)
+    assert cost.half_life == pytest.approx(3.0) and rekeys == [pytest.approx(3.0)]
+    cost.visit(root, now=60.0)  # an adapter's gaps measure its popularity, not KV reuse
+    assert cost.half_life == pytest.approx(3.0)
+    for k in range(1, 100):  # never below the floor, however hot the node
+        cost.visit(node, now=9.0 + 0.1 * k)
+    assert cost.mean_gap < 0.2 and MIN_HALF_LIFE_S <= cost.half_life <= REKEY_RATIO * MIN_HALF_LIFE_S
+
+
+def test_a_finished_burst_leaves_before_the_live_one_with_the_learned_half_life():
+    # Agent-like: X was reused every 2 s until t=6 (a burst that ended), Y began at t=19.
+    # Learned H = 2 s: X's four visits are worth ~2 / 2**7 at t=20, Y's one ~0.7: X leaves,
+    # as LRU would have it. With a fixed 60 s H, X's visits still outweigh Y's and the live
+    # burst is pushed out instead.
+    m = _two_leaves(x_visits=(0.0, 2.0, 4.0, 6.0), y_visits=(19.0,))
+    assert m.cost.half_life == pytest.approx(2.0)
+    _pressure(m, now=20.0)
+    assert tree(m, "a") == ["[1][2] HOST [0, 1]", "[3][4] DEVICE [4, 5]"]
+
+    m = _two_leaves(x_visits=(0.0, 2.0, 4.0, 6.0), y_visits=(19.0,))
+    m.cost.set_half_life(60.0)
+    _pressure(m, now=20.0)
+    assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]
+
+
+def test_lru_keys_are_not_rebuilt_when_the_half_life_moves():
+    m = _two_leaves("fastlibra-lru", x_visits=(0.0, 2.0, 4.0), y_visits=(5.0,))
+    assert m.cost.on_rekey is None
+    m = _two_leaves("fastlibra-nodep", x_visits=(0.0, 2.0, 4.0), y_visits=(5.0,))
+    assert m.cost.on_rekey is not None  # same ranking as fastlibra: same learned H
