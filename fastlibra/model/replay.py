@@ -91,9 +91,14 @@ def workload_spec(args) -> WorkloadSpec:
 # -- one policy ----------------------------------------------------------------------------
 def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, args,
                   device_memory: int, host_memory: int,
-                  log: Callable[[str], None] = _status) -> dict:
+                  log: Callable[[str], None] = _status,
+                  step_log: list[dict] | None = None) -> dict:
     """Replay the workload in real time through a fresh LLM; per-request timings, and
-    the invalid KV on device after every step. `log` gets a progress line every 10 s."""
+    the invalid KV on device after every step. `log` gets a progress line every 10 s.
+    `step_log`, if given, gets one record per step (`bench fidelity` fits the simulator's
+    step time on it): wall start and end of `LLM.step`, the executor's seconds, the end
+    of the loop's work after it, and the batch (prefill chunks, decode contexts,
+    distinct adapters)."""
     from fastlibra.llm import LLM
     from fastlibra.model.sampling import SamplingParams
 
@@ -103,6 +108,8 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
     llm.generate([5, 6, 7, 8], sampling=SamplingParams(temperature=0.0, max_tokens=2,
                                                        ignore_eos=True))  # warm-up, base model
     stats0 = copy.deepcopy(llm.cache.stats)
+    if step_log is not None:
+        _log_batches(llm, step_log)
 
     seq = 0
     pending: list = []  # (arrival, seq, turn, prompt)
@@ -133,6 +140,8 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
         t = time.perf_counter()
         steps += 1
         step_s += t - s0
+        if step_log is not None and step_log and "end" not in step_log[-1]:
+            step_log[-1].update(start=s0 - t0, end=t - t0)
         t -= t0
         invalid = llm.cache.invalid_kv_blocks
         invalid_sum += invalid
@@ -158,6 +167,8 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
                 user = nxt.prompt[len(turn.prompt) + len(turn.output or []):]
                 heapq.heappush(pending, (t + turn.think_s, seq, nxt, prompt + gen + user))
                 seq += 1
+        if step_log is not None and step_log and "loop_end" not in step_log[-1]:
+            step_log[-1]["loop_end"] = time.perf_counter() - t0
         if t >= next_report:
             log(f"  {policy}: t={t:.0f} s, {len(records)} done, {len(live)} running, "
                 f"{len(pending)} pending")
@@ -188,6 +199,23 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
         "bytes_moved": {k: v - stats0.bytes_moved[k] for k, v in st.bytes_moved.items()},
         "requests_detail": records,
     }
+
+
+def _log_batches(llm, step_log: list[dict]) -> None:
+    """Wrap the executor so every step's batch and measured seconds land in `step_log`."""
+    inner = llm.executor.execute
+
+    def execute(batch, now):
+        out = inner(batch, now)
+        step_log.append({
+            "prefills": [(p.num_tokens, p.prefix_len) for p in batch.prefills],
+            "decode_ctx": [r.num_computed for r in batch.decodes],
+            "adapters": len({r.adapter for r in [p.request for p in batch.prefills]
+                             + batch.decodes if r.adapter}),
+            "exec_s": out.duration})
+        return out
+
+    llm.executor.execute = execute
 
 
 def _pct(sorted_vals: list[float], q: float) -> float:

@@ -10,18 +10,25 @@
                  `SimProfile(tiny model, cpu).step_time` reproduces the measured step times
     real         `bench replay`'s model, adapters, workload and budgets, replayed in real time
                  per policy through the real engine (`replay_policy`)
-    simulated    `simulate()` on the same requests with the fitted profile, the same device
-                 and host bytes and the real engine's scheduler settings
-                 (`max_batched_tokens=2048`, `layerwise_copies=False`: the real runner copies
-                 synchronously) and the real engine's cost-model profile (`HardwareProfile()`)
+    refit        per replay, the same step-time model fitted again on that replay's own
+                 steps (batch + wall time of `LLM.step`, logged by `replay_policy`), in
+                 seconds: on a shared machine a replay's steps run tens of percent away
+                 from the isolated forwards, and differently in each replay
+    simulated    `simulate()` on the same requests with each replay's refitted profile (and,
+                 for comparison, with the isolated one), the same device and host bytes,
+                 the real engine's scheduler settings (`max_batched_tokens=2048`,
+                 `layerwise_copies=False`: the real runner waits for a step's copies before
+                 its forward pass, not layer by layer) and its cost-model profile
+                 (`HardwareProfile()`)
     reported     per policy real vs simulated mean TTFT and their relative error
-                 (target: within 20 %)
+                 (target: within 20 %), both fits, and request-by-request records of both
 
 The fit: step_time = max(a*F, b*M) + a*F_lora + b*B_lora + c_lora*adapters + c0 + c1*seqs
-(F: FLOPs, M: weight + KV bytes, the same terms as `SimProfile.step_time`). Whether a point
-is compute- or memory-bound is a threshold on F/M, so every threshold split is fitted by
-non-negative least squares on relative errors and the best split under the true (max) model
-wins.
+(F: FLOPs, M: weight + KV bytes, the same terms as `SimProfile.step_time`, with the CPU
+runner's padded attention). Whether a point is compute- or memory-bound is a threshold on
+F/M, so threshold splits are fitted by non-negative least squares (relative errors for the
+isolated points, seconds for the replayed steps) and the best split under the true (max)
+model wins.
 """
 
 from __future__ import annotations
@@ -38,9 +45,11 @@ from pathlib import Path
 import torch
 
 from fastlibra.config import HardwareProfile, LoraShape, ModelShape, SchedulerConfig
-from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile
+from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work
 
 TARGET_REL_ERROR = 0.20
+MIN_REPLAY_STEPS = 20
+"""Fewer replayed steps than this (tiny test runs) keep the isolated profile."""
 BLOCK_SIZE = 16
 REAL_SCHEDULER = SchedulerConfig(max_num_seqs=256, max_batched_tokens=2048,
                                  layerwise_copies=False)
@@ -64,15 +73,13 @@ class Point:
 
 
 # -- the fit -----------------------------------------------------------------------------
-def _terms(model: ModelShape, lora: LoraShape, p: Point) -> tuple[float, ...]:
+def _terms(model: ModelShape, lora: LoraShape, p: Point,
+           padded: bool = False) -> tuple[float, ...]:
     """(F, M, F_lora, B_lora, adapters, seqs) of `SimProfile.step_time` at tp = 1."""
     tokens = sum(n for n, _ in p.prefills) + p.num_decodes
-    width = model.num_heads * model.head_dim
-    attn = sum(4 * model.num_layers * width * n * (q + n / 2) for n, q in p.prefills)
-    attn += 4 * model.num_layers * width * p.decode_ctx_sum
+    attn, kv_tokens = attention_work(model, p.prefills, p.decode_ctx_sum, p.num_decodes, padded)
     flops = 2 * model.num_params * tokens + attn
-    kv = (p.decode_ctx_sum + sum(q + n for n, q in p.prefills)) * model.kv_bytes_per_token
-    mem = model.num_params * model.dtype_bytes + kv
+    mem = model.num_params * model.dtype_bytes + kv_tokens * model.kv_bytes_per_token
     lb = lora.nbytes(model)
     lflops = 2 * tokens * lb / model.dtype_bytes if p.num_adapters else 0.0
     return (flops, mem, lflops, p.num_adapters * lb, p.num_adapters,
@@ -105,27 +112,34 @@ def _predict(coef: list[float], t: tuple[float, ...]) -> float:
 
 def fit_spec(model: ModelShape, lora: LoraShape, points: list[Point], *,
              pcie_bandwidth: float, disk_bandwidth: float, adapter_parse_s: float,
-             memory_bytes: int = 64 * GiB, name: str = "cpu") -> GpuSpec:
+             memory_bytes: int = 64 * GiB, name: str = "cpu", relative: bool = True,
+             max_splits: int = 64, padded_attention: bool = False) -> GpuSpec:
     """The `GpuSpec` (mfu = mbu = 1) whose `SimProfile.step_time` best matches `points`
-    in relative error."""
+    in relative error, or in seconds (`relative=False`: the fit's total equals the
+    measured total, which is what queueing and mean TTFT follow when the steps are noisy).
+    At most `max_splits` compute/memory thresholds are tried (quantiles of F/M)."""
     if len(points) < 5:
         raise ValueError("the profile fit needs at least 5 measured steps")
-    terms = [_terms(model, lora, p) for p in points]
+    terms = [_terms(model, lora, p, padded_attention) for p in points]
     ys = [p.seconds for p in points]
     ratio = sorted({t[0] / t[1] for t in terms})
+    if len(ratio) > max_splits:
+        ratio = [ratio[round(i * (len(ratio) - 1) / (max_splits - 1))] for i in range(max_splits)]
     thresholds = [0.0] + [r * (1 + 1e-9) for r in ratio]  # compute-bound iff F/M >= thr
+    weight = [1 / y if relative else 1.0 for y in ys]
     best: tuple[float, list[float]] | None = None
     for thr in thresholds:
         ind = [t[0] / t[1] >= thr for t in terms]
         rows = [(t[0] * c + t[2], t[1] * (not c) + t[3], 1.0, t[5], t[4])
                 for t, c in zip(terms, ind, strict=True)]
-        cols = [[r[j] / y for r, y in zip(rows, ys, strict=True)] for j in range(5)]
-        coef = _nnls(cols, [1.0] * len(ys))
+        cols = [[r[j] * w for r, w in zip(rows, weight, strict=True)] for j in range(5)]
+        coef = _nnls(cols, [y * w for y, w in zip(ys, weight, strict=True)])
         if coef[0] <= 0:
             continue
         if coef[1] <= 0:  # memory never binds: the largest b that keeps it so
             coef[1] = min(coef[0] * t[0] / t[1] for t in terms)
-        err = sum((_predict(coef, t) / y - 1) ** 2 for t, y in zip(terms, ys, strict=True))
+        err = sum(((_predict(coef, t) - y) * w) ** 2
+                  for t, y, w in zip(terms, ys, weight, strict=True))
         if best is None or err < best[0]:
             best = (err, coef)
     if best is None:
@@ -134,7 +148,8 @@ def fit_spec(model: ModelShape, lora: LoraShape, points: list[Point], *,
     return GpuSpec(name, memory_bytes, flops=1 / a, hbm_bandwidth=1 / b,
                    pcie_bandwidth=pcie_bandwidth, nvlink_bandwidth=pcie_bandwidth,
                    disk_bandwidth=disk_bandwidth, mfu=1.0, mbu=1.0, step_overhead_s=c0,
-                   per_seq_overhead_s=c1, lora_launch_s=c2, adapter_parse_s=adapter_parse_s)
+                   per_seq_overhead_s=c1, lora_launch_s=c2, adapter_parse_s=adapter_parse_s,
+                   padded_attention=padded_attention)
 
 
 def compare(profile: SimProfile, points: list[Point]) -> list[dict]:
@@ -295,7 +310,7 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
     rank = round(statistics.fmean(ranks)) if ranks else 16
     lora = LoraShape(rank=rank, dtype_bytes=4)
     spec = fit_spec(shape, lora, points, pcie_bandwidth=copy_bw, disk_bandwidth=disk_bw,
-                    adapter_parse_s=parse)
+                    adapter_parse_s=parse, padded_attention=True)
     engine_s = measure_engine_overhead(model_dir, adapter_dirs, max_rank=max_rank) \
         if engine_overhead else 0.0
     model_spec = spec
@@ -315,6 +330,37 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
     return {"spec": spec, "profile": profile, "points": points, "comparison": rows,
             "copy_bandwidth": copy_bw, "disk": {"parse_s": parse, "bandwidth": disk_bw},
             "engine_overhead_s": engine_s}
+
+
+def replay_points(step_log: list[dict]) -> list[Point]:
+    """One point per replayed step: its batch and the wall time of `LLM.step`, so the
+    engine's bookkeeping around the forward pass (and any copy wait inside it) is part of
+    the step, as the simulator charges it."""
+    return [Point(tuple(tuple(x) for x in s["prefills"]), sum(s["decode_ctx"]),
+                  len(s["decode_ctx"]), s["adapters"], s["end"] - s["start"], "replay")
+            for s in step_log if "end" in s]
+
+
+def fit_replay(isolated: SimProfile, step_log: list[dict]) -> tuple[SimProfile, dict]:
+    """The step-time model refitted on one replay's own steps (in seconds, so the fitted
+    total is the measured total): the machine as it was during that replay, which on a
+    shared box differs from the quiet isolated forwards by tens of percent. Copies and
+    adapter reads keep the isolated measurements. Returns the profile and fit statistics."""
+    points = replay_points(step_log)
+    g = isolated.gpu
+    spec = fit_spec(isolated.model, isolated.lora, points, pcie_bandwidth=g.pcie_bandwidth,
+                    disk_bandwidth=g.disk_bandwidth, adapter_parse_s=g.adapter_parse_s,
+                    relative=False, padded_attention=g.padded_attention)
+    profile = SimProfile(isolated.model, spec, 1, isolated.lora)
+    rows = compare(profile, points)
+    measured = sum(r["measured_ms"] for r in rows)
+    return profile, {"spec": asdict(spec), "steps": len(points),
+                     "mean_abs_rel_error": statistics.fmean(abs(r["rel_error"]) for r in rows),
+                     "total_rel_error": sum(r["fitted_ms"] for r in rows) / measured - 1,
+                     "isolated_total_rel_error": sum(
+                         1e3 * isolated.step_time(list(p.prefills), p.decode_ctx_sum,
+                                                  p.num_decodes, p.num_adapters)
+                         for p in points) / measured - 1}
 
 
 # -- the benchmark -----------------------------------------------------------------------
@@ -356,6 +402,8 @@ def run_fidelity(args) -> int:
             f"sessions, {len(turns)} turns over {args.duration:.0f} s")
     real: dict[str, dict] = {}
     sim: dict[str, dict] = {}
+    step_logs: dict[str, list[dict]] = {p: [] for p in args.policy}
+    sim_records: dict[str, list[dict]] = {p: [] for p in args.policy}
     with tempfile.TemporaryDirectory(prefix="fastlibra-bench-fidelity-") as tmp:
         base, adapters = build_assets(Path(tmp), args)
         kv_tok = _kv_bytes_per_token(args)
@@ -368,15 +416,37 @@ def run_fidelity(args) -> int:
         for policy in args.policy:
             _status(f"replaying through {policy} (real time, ~{args.duration:.0f} s + tail)")
             real[policy] = replay_policy(policy, base, adapters,
-                                         [x.fresh_copy() for x in firsts], args, device, host)
-    setup = _sim_setup(prof["profile"], device, host)
+                                         [x.fresh_copy() for x in firsts], args, device, host,
+                                         step_log=step_logs[policy])
+    isolated: dict[str, dict] = {}
+    fits: dict[str, dict] = {}
     for policy in args.policy:
-        sim[policy] = simulate(policy, firsts, setup)
+        isolated[policy] = simulate(policy, firsts, _sim_setup(prof["profile"], device, host))
+        if len(replay_points(step_logs[policy])) >= MIN_REPLAY_STEPS:
+            profile, fits[policy] = fit_replay(prof["profile"], step_logs[policy])
+            f, g = fits[policy], profile.gpu
+            _status(f"{policy}: refitted on {f['steps']} replayed steps: {g.flops / 1e9:.2f} "
+                    f"GFLOP/s, {g.hbm_bandwidth / 1e9:.2f} GB/s, step "
+                    f"{1e3 * g.step_overhead_s:.3f} ms + {1e3 * g.per_seq_overhead_s:.3f} "
+                    f"ms/seq + {1e3 * g.lora_launch_s:.3f} ms/adapter; mean |error| "
+                    f"{f['mean_abs_rel_error']:.1%}, total {f['total_rel_error']:+.1%} "
+                    f"(isolated profile: total {f['isolated_total_rel_error']:+.1%})")
+        else:
+            profile = prof["profile"]
+            _status(f"{policy}: too few replayed steps to refit; the isolated profile is used")
+        sim[policy] = simulate(policy, firsts, _sim_setup(profile, device, host),
+                               records=sim_records[policy])
     policies = {}
     for p in args.policy:
         r, s = real[p], sim[p]
         real_ms, sim_ms = r["ttft_mean_ms"], 1e3 * s["ttft_mean"]
+        iso_ms = 1e3 * isolated[p]["ttft_mean"]
         policies[p] = {
+            "replay_fit": fits.get(p),
+            "sim_isolated_profile": {"ttft_mean_ms": iso_ms,
+                                     "tpot_mean_ms": 1e3 * isolated[p]["tpot_mean"],
+                                     "ttft_rel_error": iso_ms / real_ms - 1 if real_ms
+                                     else float("nan")},
             "real": {"requests": r["requests"], "ttft_mean_ms": real_ms,
                      "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"],
                      "tpot_mean_ms": r["tpot_mean_ms"], "device_hit_rate": r["device_hit_rate"],
@@ -412,14 +482,19 @@ def run_fidelity(args) -> int:
                    "met": worst <= TARGET_REL_ERROR},
     }
     print(f"{'policy':<10} {'reqs':>5} {'real TTFT':>10} {'sim TTFT':>10} {'error':>8} "
-          f"{'real dev hit':>12} {'sim dev hit':>11}")
+          f"{'isolated fit':>13} {'real dev hit':>12} {'sim dev hit':>11}")
     for p, v in policies.items():
+        iso = v["sim_isolated_profile"]
         print(f"{p:<10} {v['real']['requests']:>5} {v['real']['ttft_mean_ms']:>8.1f}ms "
               f"{v['sim']['ttft_mean_ms']:>8.1f}ms {v['ttft_rel_error']:>+8.1%} "
+              f"{iso['ttft_mean_ms']:>5.1f} {iso['ttft_rel_error']:>+6.1%} "
               f"{v['real']['device_hit_rate']:>12.1%} {v['sim']['device_hit_rate']:>11.1%}")
     print(f"worst |error| {worst:.1%} (target <= {TARGET_REL_ERROR:.0%}: "
           f"{'met' if out['target']['met'] else 'NOT met'})")
     if args.json:
+        out["requests"] = {p: {"real": real[p]["requests_detail"], "sim": sim_records[p]}
+                           for p in args.policy}
+        out["steps"] = step_logs
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
         _status(f"wrote {args.json}")
     return 0

@@ -10,7 +10,9 @@ communication and a fixed per-step overhead:
     comm    = 2 all-reduces per layer over NVLink when tp > 1
 
 Prefill attention grows with the prefix (each new token attends to everything before
-it); decode memory grows with batch and context (each step reads every KV).
+it); decode memory grows with batch and context (each step reads every KV). A runner
+with padded attention (`GpuSpec.padded_attention`: our dense SDPA on CPU) computes every
+sequence of a mixed batch as if it had the longest query and the longest context.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class GpuSpec:
     lora_launch_s: float = LORA_LAUNCH_S
     adapter_parse_s: float = ADAPTER_PARSE_S
     """Overrides for measured profiles (`fastlibra.sim.fidelity`); GPUs keep the defaults."""
+    padded_attention: bool = False
+    """Attention runs on the batch padded to [seqs, longest query, longest context]
+    (fastlibra's own runner: one dense SDPA call per layer); GPUs run varlen kernels."""
 
 
 GPUS: dict[str, GpuSpec] = {
@@ -83,6 +88,24 @@ GPUS: dict[str, GpuSpec] = {
 ALLREDUCE_LATENCY_S = 8e-6
 ACTIVATION_RESERVE = 0.08
 """Share of HBM kept for activations, CUDA graphs and fragmentation."""
+
+
+def attention_work(model: ModelShape, prefills: list[tuple[int, int]] | tuple,
+                   decode_ctx_sum: int, num_decodes: int,
+                   padded: bool = False) -> tuple[float, int]:
+    """(attention FLOPs, KV tokens read) of one step at tp = 1. Ragged: each prefill chunk
+    attends causally over its prefix, each decode over its context. Padded (more than one
+    sequence): every sequence costs the longest query times the longest context; decode
+    contexts enter by their mean (the step model sees only their sum)."""
+    pair = 4 * model.num_layers * model.num_heads * model.head_dim
+    seqs = len(prefills) + num_decodes
+    if padded and seqs > 1:
+        q_max = max((n for n, _ in prefills), default=1)
+        l_max = max([p + n for n, p in prefills]
+                    + ([decode_ctx_sum / num_decodes] if num_decodes else []))
+        return pair * seqs * q_max * l_max, round(seqs * l_max)
+    flops = sum(pair * n * (p + n / 2) for n, p in prefills) + pair * decode_ctx_sum
+    return flops, decode_ctx_sum + sum(p + n for n, p in prefills)
 
 
 def lookup(table: dict, name: str, what: str):
@@ -135,11 +158,10 @@ class SimProfile:
         tokens = sum(n for n, _ in prefills) + num_decodes
         if tokens == 0:
             return 0.0
-        width = m.num_heads * m.head_dim
-        attn_flops = sum(4 * m.num_layers * width * n * (p + n / 2) for n, p in prefills)
-        attn_flops += 4 * m.num_layers * width * decode_ctx_sum
+        attn_flops, kv_tokens = attention_work(m, prefills, decode_ctx_sum, num_decodes,
+                                               g.padded_attention)
         compute = (2 * m.num_params * tokens + attn_flops) / (tp * g.flops * g.mfu)
-        kv_read = (decode_ctx_sum + sum(p + n for n, p in prefills)) * m.kv_bytes_per_token
+        kv_read = kv_tokens * m.kv_bytes_per_token
         memory = (self.weight_bytes + kv_read) / (tp * g.hbm_bandwidth * g.mbu)
         lora = 0.0
         if num_adapters:

@@ -68,8 +68,11 @@ def count_requests(requests: list[Request]) -> int:
 
 
 def simulate(policy: str, requests: list[Request], setup: SimSetup,
-             progress: tqdm | None = None, timeline_interval_s: float = 1.0) -> dict:
-    """One policy over (a fresh copy of) `requests`; returns the summary plus the timeline."""
+             progress: tqdm | None = None, timeline_interval_s: float = 1.0,
+             records: list[dict] | None = None) -> dict:
+    """One policy over (a fresh copy of) `requests`; returns the summary plus the timeline.
+    `records`, if given, gets one entry per finished request (`bench fidelity` compares
+    them with the real engine's, request by request)."""
     requests = [r.fresh_copy() for r in requests]
     share = setup.adapter_share if get_policy(policy).adapter_share is not None else None
     cache = CacheManager(setup.cache_config(), get_policy(policy, share),
@@ -99,6 +102,13 @@ def simulate(policy: str, requests: list[Request], setup: SimSetup,
                                    if r.reject_reason})[:5]
     result["timeline"] = {"t": timeline.times, **timeline.composition}
     result["ttfts"] = sorted(r.ttft for r in finished if r.ttft is not None)
+    if records is not None:
+        records += [{"id": r.request_id, "adapter": r.adapter, "arrival": r.arrival,
+                     "prompt_tokens": len(r.prompt), "cached_tokens": r.cached_tokens,
+                     "output_tokens": len(r.generated), "ttft": r.ttft,
+                     "t_queue": r.t_queue, "t_adapter_wait": r.t_adapter_wait,
+                     "t_kv_wait": r.t_kv_wait, "t_prefill": r.t_prefill}
+                    for r in finished]
     return result
 
 
