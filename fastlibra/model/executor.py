@@ -156,7 +156,10 @@ class ArenaMover:
         self.clock = clock
         self.bandwidth = {MoveKind.SWAP_IN: self.hw.h2d_bandwidth,
                           MoveKind.SWAP_OUT: self.hw.d2h_bandwidth}
-        """Bytes/s of KV copies, refined by every measured copy."""
+        """Bytes/s of block copies, refined by every measured copy."""
+        self.load_s_per_byte: float | None = None
+        """Seconds per byte of adapter reads from disk (parse included), once measured:
+        the hardware profile's guess is a GPU server's, not this machine's."""
         self.seconds = {k: 0.0 for k in MoveKind}
         self.bytes = {k: 0 for k in MoveKind}
         self.moves = 0
@@ -175,6 +178,8 @@ class ArenaMover:
     def estimate(self, kind: MoveKind, nbytes: int, now: float) -> float:
         if kind in self.bandwidth:
             return now + nbytes / self.bandwidth[kind]
+        if self.load_s_per_byte is not None:
+            return now + nbytes * self.load_s_per_byte
         return now + self.hw.disk_load_time(nbytes)
 
     def submit(self, move: Move, now: float) -> float:
@@ -220,6 +225,10 @@ class ArenaMover:
             if move.kind in self.bandwidth and seconds > 0 and move.nbytes:
                 bw = self.bandwidth[move.kind]
                 self.bandwidth[move.kind] = bw + (move.nbytes / seconds - bw) / 4
+            elif move.nbytes:  # a read from disk
+                rate = seconds / move.nbytes
+                old = self.load_s_per_byte
+                self.load_s_per_byte = rate if old is None else old + (rate - old) / 4
 
     def wait_for(self, blocks: Iterable[int], adapters: Iterable[str]) -> None:
         """Before a step: every pending swap-out, and the copies into `blocks` (device

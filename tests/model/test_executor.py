@@ -155,6 +155,15 @@ def test_estimate_uses_the_measured_bandwidth(served, async_copies):
     assert mover.bandwidth[MoveKind.SWAP_OUT] != cache.cfg.hardware.d2h_bandwidth
     mover.bandwidth[MoveKind.SWAP_IN] = 1e6
     done = cache.move(node, Tier.DEVICE, 7.0)
+    guess = cache.cfg.hardware.disk_load_time(10**6)
+    assert mover.estimate(MoveKind.LOAD, 10**6, 0.0) == guess  # nothing read from disk yet
+    cache.clear()
+    mover.sync_adapters(cache)
+    engine.add_request(Request("r1", tokens(9, 55), 1, adapter="a"))
+    engine.run()  # reads a from its directory
+    mover.drain()
+    assert mover.load_s_per_byte is not None
+    assert mover.estimate(MoveKind.LOAD, 10**6, 0.0) == pytest.approx(mover.load_s_per_byte * 1e6)
     # Synchronous: ready when asked for. On the copy thread: when the estimate says.
     want = 7.0 + node.num_blocks * cache.cfg.block_bytes / 1e6 if async_copies else 7.0
     assert done == pytest.approx(want)
