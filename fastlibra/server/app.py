@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
@@ -224,7 +225,7 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                 for j in range(n):
                     sp = params
                     if n > 1 and params.seed is not None:
-                        sp = SamplingParams(**{**params.__dict__, "seed": params.seed + j})
+                        sp = replace(params, seed=params.seed + j)
                     rids.append(await engine.add_request(p, adapter, sp))
         except Exception as e:
             for rid in rids:
@@ -357,8 +358,6 @@ async def _merged(engine: AsyncLLM, rids: list[str]) -> AsyncIterator[tuple[int,
 async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
                chat: bool) -> AsyncIterator[str]:
     """OpenAI's stream: one `data: {chunk}` per delta, a usage chunk if asked, [DONE]."""
-    import json
-
     kind = "chat.completion.chunk" if chat else "text_completion"
     started: set[int] = set()
     outputs: dict[int, Output] = {}
