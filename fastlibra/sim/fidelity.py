@@ -198,6 +198,24 @@ def _plan(quick: bool) -> list[tuple[str, list[tuple[int, int, int]], int]]:
     return plan
 
 
+WAKE_POINTS = ("prefill 32 after 256 cached", "decode b=1 ctx=64", "decode b=4 ctx=256")
+"""Steps timed again after a pause: the replay's first-token steps mostly start an idle
+engine (a request arrives, its prefill runs alone), and on a CPU that step is slower."""
+IDLE_PAUSE_S = 0.15
+"""The pause: about the median idle gap before a replayed first-token step."""
+
+
+def _idle_wake(step, warm_s: float, reps: int) -> float:
+    """Extra seconds of `step` right after an `IDLE_PAUSE_S` pause, against back to back."""
+    cold = []
+    for _ in range(reps):
+        time.sleep(IDLE_PAUSE_S)
+        t = time.perf_counter()
+        step()
+        cold.append(time.perf_counter() - t)
+    return max(0.0, statistics.median(cold) - warm_s)
+
+
 def measure_engine_overhead(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
                             max_rank: int = 16, requests: int = 8, tokens: int = 16) -> float:
     """Seconds per step the real engine spends outside the model (scheduling, cache
@@ -262,6 +280,7 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
         runner.add_adapter(ad)
     gen = torch.Generator().manual_seed(0)
     points: list[Point] = []
+    wakes: list[float] = []
     for (label, seqs, _), sizes in zip(plan, per_seq, strict=True):
         inputs, start = [], 0
         for (n, q, ai), nb in zip(seqs, sizes, strict=True):
@@ -274,6 +293,8 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
             runner.forward(inputs).argmax(-1).tolist()
 
         secs = _median_time(step, reps)
+        if label in WAKE_POINTS:
+            wakes.append(_idle_wake(step, secs, reps))
         pre = tuple((n, q) for n, q, _ in seqs if not (n == 1 and q > 0))
         dec = [(n, q) for n, q, _ in seqs if n == 1 and q > 0]
         used = {ai for _, _, ai in seqs if ai >= 0}
@@ -314,7 +335,8 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
     engine_s = measure_engine_overhead(model_dir, adapter_dirs, max_rank=max_rank) \
         if engine_overhead else 0.0
     model_spec = spec
-    spec = replace(spec, step_overhead_s=spec.step_overhead_s + engine_s)
+    wake = statistics.median(wakes) if wakes else 0.0
+    spec = replace(spec, step_overhead_s=spec.step_overhead_s + engine_s, idle_wake_s=wake)
     profile = SimProfile(shape, spec, 1, lora)
     rows = compare(SimProfile(shape, model_spec, 1, lora), points)
     if verbose:
@@ -323,13 +345,14 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
                 f" ms + {1e3 * spec.per_seq_overhead_s:.3f} ms/seq + "
                 f"{1e3 * spec.lora_launch_s:.3f} ms/adapter; copies {copy_bw / 1e9:.2f} GB/s, "
                 f"adapter read {1e3 * parse:.2f} ms + {disk_bw / 1e9:.2f} GB/s; engine "
-                f"overhead outside the model {1e3 * engine_s:.3f} ms/step (included above)")
+                f"overhead outside the model {1e3 * engine_s:.3f} ms/step (included above); "
+                f"first step after {1e3 * IDLE_PAUSE_S:.0f} ms idle +{1e3 * wake:.2f} ms")
         for r in rows:
             _status(f"  {r['label']:<34} measured {r['measured_ms']:8.3f} ms  fitted "
                     f"{r['fitted_ms']:8.3f} ms  ({r['rel_error']:+.1%})")
     return {"spec": spec, "profile": profile, "points": points, "comparison": rows,
             "copy_bandwidth": copy_bw, "disk": {"parse_s": parse, "bandwidth": disk_bw},
-            "engine_overhead_s": engine_s}
+            "engine_overhead_s": engine_s, "idle_wake_s": wake}
 
 
 def replay_points(step_log: list[dict]) -> list[Point]:

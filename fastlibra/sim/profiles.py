@@ -73,6 +73,10 @@ class GpuSpec:
     padded_attention: bool = False
     """Attention runs on the batch padded to [seqs, longest query, longest context]
     (fastlibra's own runner: one dense SDPA call per layer); GPUs run varlen kernels."""
+    idle_wake_s: float = 0.0
+    """Extra seconds of the first step after the engine sat idle: on a CPU the caches and
+    clocks go cold in a pause of tens of milliseconds (measured by `fidelity`: 0.7-2.6 ms
+    per step here). GPUs keep 0."""
 
 
 GPUS: dict[str, GpuSpec] = {

@@ -9,10 +9,15 @@ A copy starts when its queue is free; a request waits only for the copies it nee
 
 from __future__ import annotations
 
+import math
+
 from fastlibra.cache import Move, MoveKind
 from fastlibra.engine.engine import StepOutput
 from fastlibra.engine.scheduler import Batch
 from fastlibra.sim.profiles import SimProfile
+
+IDLE_AFTER_S = 0.005
+"""A step that starts this long after the previous one ended pays `GpuSpec.idle_wake_s`."""
 
 
 class SimMover:
@@ -48,6 +53,7 @@ class SimRunner:
 
     def __init__(self, profile: SimProfile) -> None:
         self.profile = profile
+        self._last_end = -math.inf
 
     def _time(self, batch: Batch, extra_ctx: int = 0) -> float:
         prefills = [(p.num_tokens, p.prefix_len) for p in batch.prefills]
@@ -68,6 +74,9 @@ class SimRunner:
         layer = duration / self.profile.model.num_layers
         for p in batch.prefills:
             duration = max(duration, p.ready_at - now + layer)
+        if now - self._last_end > IDLE_AFTER_S:
+            duration += self.profile.gpu.idle_wake_s
+        self._last_end = now + duration
         tokens: dict[str, list[int]] = {}
         for p in batch.prefills:
             r = p.request
