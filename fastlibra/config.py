@@ -209,6 +209,10 @@ class SchedulerConfig:
     """Start a prefill while its adapter and cached KV are still being copied in, when the
     copy should land before the prefill reaches the last layer: the runner waits per
     layer (copy events per layer), so copy and compute overlap. False = wait for all."""
+    copy_join_s: float = 0.0
+    """Without layer-wise copies: a prefill whose copies are due within this many seconds
+    joins the step (the runner waits for them before the forward) instead of sitting out
+    a whole step. A swap-in of a few KV blocks takes microseconds; a step, milliseconds."""
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "SchedulerConfig.max_num_seqs must be positive")

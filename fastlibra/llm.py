@@ -40,6 +40,9 @@ from fastlibra.model.sampling import (
 )
 
 Prompt = str | Sequence[int]
+COPY_JOIN_S = 0.001
+"""A prefill whose copies are due within 1 ms joins the next step rather than waiting a
+whole step (~6 ms for bench replay's model): KV blocks copy at GB/s."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -156,7 +159,8 @@ class LLM:
                                       wait_for=self.mover.wait_for)
         self.engine = Engine(SchedulerConfig(max_num_seqs=max_num_seqs,
                                              max_batched_tokens=max_batched_tokens,
-                                             layerwise_copies=False),
+                                             layerwise_copies=False,
+                                             copy_join_s=COPY_JOIN_S),
                              self.cache, self.executor)
         self.tokenizer = _load_tokenizer(tokenizer, Path(model_dir))
         eos = set(cfg.eos_token_ids)

@@ -117,9 +117,10 @@ class Scheduler:
         return n
 
     def _overlaps(self, num_tokens: int, prefix: int, copy_left: float) -> bool:
-        """With layer-wise copies, start when the copy lands before the last layer needs it."""
+        """With layer-wise copies, start when the copy lands before the last layer needs it;
+        without, when it lands within `copy_join_s` (the whole step waits for it)."""
         if not self.cfg.layerwise_copies:
-            return False
+            return copy_left <= self.cfg.copy_join_s
         compute = self.cache.cfg.hardware.prefill_time(num_tokens, prefix)
         return copy_left <= compute
 

@@ -299,3 +299,23 @@ def test_a_request_waits_only_for_its_own_copies(served):
     assert done[free] < first[waiting]  # it did not wait behind the other's copy
     assert first[waiting] >= slow * 0.9
     assert llm.take_output(waiting).token_ids == ref.greedy(prompt, "b", 8)
+
+
+def test_a_host_hit_whose_copy_is_quick_joins_the_next_step(served):
+    """A swap-in of a few KV blocks takes microseconds: the request is prefilled in the
+    step that admits it (the runner waits for the copy) instead of sitting out a step."""
+    _, _, ref = served
+    llm = make_llm(served)
+    prefix, suffix = tokens(16, 84), tokens(3, 85)
+    llm.generate(prefix, adapter="a", sampling=GREEDY)
+    for node in device_kv(llm, "a"):
+        llm.cache.move(node, Tier.HOST, llm.engine.now)
+    llm.mover.drain()
+    rid = llm.add_request(prefix + suffix, "a", GREEDY)
+    first = llm.step()  # admission, swap-in, prefill and the first token, in one step
+    assert [d.request_id for d in first] == [rid] and len(first[0].token_ids) == 1
+    while llm.has_unfinished:
+        llm.step()
+    out = llm.take_output(rid)
+    assert out.cached_tokens == 16 and llm.cache.stats.host_hit_tokens >= 16
+    assert out.token_ids == ref.greedy(prefix + suffix, "a", 8)
