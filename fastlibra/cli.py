@@ -85,20 +85,26 @@ def _named_adapters(pairs: list[tuple[str, str]]) -> dict[str, str]:
     return dict(pairs)
 
 
+def _session_args(parser: argparse.ArgumentParser) -> None:
+    """Multi-turn session workload flags (`workloads.session_spec` reads them)."""
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of session arrivals (default 60; turns run past it)")
+    parser.add_argument("--rate", type=float, default=1.0, help="new sessions/s (default 1)")
+    parser.add_argument("--think", type=float, default=1.5,
+                        help="mean think time between turns, s (default 1.5)")
+    parser.add_argument("--mean-turns", type=float, default=4.0)
+    parser.add_argument("--zipf", type=float, default=1.0)
+    parser.add_argument("--system-len", type=int, default=64, help="system prompt tokens (mean)")
+    parser.add_argument("--user-len", type=int, default=32, help="user message tokens (mean)")
+    parser.add_argument("--answer-len", type=int, default=16, help="answer tokens (mean)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def _workload_args(replay: argparse.ArgumentParser) -> None:
     """`bench replay`'s model, workload and budget flags (shared with `bench fidelity`)."""
     replay.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora"])
     replay.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    replay.add_argument("--duration", type=float, default=60.0,
-                        help="seconds of session arrivals (default 60; turns run past it)")
-    replay.add_argument("--rate", type=float, default=1.0, help="new sessions/s (default 1)")
-    replay.add_argument("--think", type=float, default=1.5,
-                        help="mean think time between turns, s (default 1.5)")
-    replay.add_argument("--mean-turns", type=float, default=4.0)
-    replay.add_argument("--zipf", type=float, default=1.0)
-    replay.add_argument("--system-len", type=int, default=64, help="system prompt tokens (mean)")
-    replay.add_argument("--user-len", type=int, default=32, help="user message tokens (mean)")
-    replay.add_argument("--answer-len", type=int, default=16, help="answer tokens (mean)")
+    _session_args(replay)
     replay.add_argument("--adapters", type=int, default=6)
     replay.add_argument("--rank-hi", type=int, default=16, help="rank of even adapters")
     replay.add_argument("--rank-lo", type=int, default=8, help="rank of odd adapters")
@@ -113,7 +119,6 @@ def _workload_args(replay: argparse.ArgumentParser) -> None:
     replay.add_argument("--host-memory", type=_bytes, default=None,
                         help="host pool bytes (default 8x the device pool)")
     replay.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    replay.add_argument("--seed", type=int, default=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,16 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "workload adapter lora-i goes to the (i mod count)-th")
     bserve.add_argument("--num-adapters", type=int, default=6,
                         help="adapters in the workload (default 6)")
-    bserve.add_argument("--rate", type=float, default=1.0, help="new sessions/s (default 1)")
-    bserve.add_argument("--duration", type=float, default=60.0,
-                        help="seconds of session arrivals (default 60; turns run past it)")
-    bserve.add_argument("--think", type=float, default=1.5,
-                        help="mean think time between turns, s (default 1.5)")
-    bserve.add_argument("--mean-turns", type=float, default=4.0)
-    bserve.add_argument("--zipf", type=float, default=1.0)
-    bserve.add_argument("--system-len", type=int, default=64, help="system prompt tokens (mean)")
-    bserve.add_argument("--user-len", type=int, default=32, help="user message tokens (mean)")
-    bserve.add_argument("--answer-len", type=int, default=16, help="answer tokens (mean)")
+    _session_args(bserve)
     bserve.add_argument("--max-context", type=int, default=None,
                         help="sessions end before prompt + answer exceed this many tokens "
                         "(default: the server's max_model_len, else 4096)")
@@ -302,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--timeout", type=float, default=600.0,
                         help="seconds without data before a request fails (default 600)")
     bserve.add_argument("--api-key", default=None, help="sent as 'Authorization: Bearer KEY'")
-    bserve.add_argument("--seed", type=int, default=0)
     bserve.add_argument("--json", metavar="FILE",
                         help="write the summary, machine, commit and every request as JSON")
 

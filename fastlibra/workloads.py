@@ -357,3 +357,18 @@ def iter_turns(requests: list[Request]):
         while r is not None:
             yield r
             r = r.next_turn
+
+
+def session_spec(args, *, name: str, num_adapters: int, max_context: int) -> WorkloadSpec:
+    """A multi-turn session workload from the session flags (`--rate --duration --think
+    --mean-turns --zipf --system-len --user-len --answer-len --seed --vocab`). Each length
+    flag is a mean; its range is derived the same way for every benchmark that replays
+    sessions (bench replay, bench fidelity, bench serve, the demo)."""
+    return WorkloadSpec(
+        name=name, num_adapters=num_adapters, zipf=args.zipf, rate=args.rate,
+        duration=args.duration, seed=args.seed, vocab_size=args.vocab,
+        max_context=max_context, mean_turns=args.mean_turns, max_turns=6,
+        think_mean_s=args.think, system_len=(args.system_len // 2 + 1, args.system_len * 3 // 2),
+        user_mean=float(args.user_len), user_len=(max(1, args.user_len // 4), args.user_len * 3),
+        answer_mean=float(args.answer_len),
+        answer_len=(max(1, args.answer_len // 2), args.answer_len * 2), length_sigma=0.5)

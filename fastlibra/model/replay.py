@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from fastlibra.model.tiny import build_tiny_model
-from fastlibra.workloads import WorkloadSpec, make_workload
+from fastlibra.workloads import WorkloadSpec, make_workload, session_spec
 
 BLOCK_SIZE = 16
 CONV_TOKENS = 256  # one "conversation" of KV room in the default device budget
@@ -78,14 +78,7 @@ def default_budget(args, adapters: dict[str, Path]) -> tuple[int, int]:
 
 # -- the workload ------------------------------------------------------------------------
 def workload_spec(args) -> WorkloadSpec:
-    return WorkloadSpec(
-        name="chatbot", num_adapters=args.adapters, zipf=args.zipf, rate=args.rate,
-        duration=args.duration, seed=args.seed, vocab_size=args.vocab,
-        max_context=1024, mean_turns=args.mean_turns, max_turns=6,
-        think_mean_s=args.think, system_len=(args.system_len // 2 + 1, args.system_len * 3 // 2),
-        user_mean=float(args.user_len), user_len=(max(1, args.user_len // 4), args.user_len * 3),
-        answer_mean=float(args.answer_len),
-        answer_len=(max(1, args.answer_len // 2), args.answer_len * 2), length_sigma=0.5)
+    return session_spec(args, name="chatbot", num_adapters=args.adapters, max_context=1024)
 
 
 # -- one policy ----------------------------------------------------------------------------

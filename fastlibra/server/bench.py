@@ -41,7 +41,7 @@ import httpx
 
 from fastlibra.engine.request import Request
 from fastlibra.machine import code_version, machine_info
-from fastlibra.workloads import WorkloadSpec, iter_turns, make_workload
+from fastlibra.workloads import iter_turns, make_workload, session_spec
 
 PROGRESS_S = 5.0
 DEFAULT_CONTEXT = 4096  # when the server does not report max_model_len
@@ -88,18 +88,6 @@ class Prompts:
         if answer:
             prompt += answer if answer[:1].isspace() else " " + answer
         return f"{prompt} {self.first(user)}" if user else prompt
-
-
-def workload_spec(args, max_context: int) -> WorkloadSpec:
-    """The chatbot (or drift) workload with `bench replay`'s length rules."""
-    return WorkloadSpec(
-        name=args.workload, num_adapters=args.num_adapters, zipf=args.zipf, rate=args.rate,
-        duration=args.duration, seed=args.seed, vocab_size=args.vocab,
-        max_context=max_context, mean_turns=args.mean_turns, max_turns=6,
-        think_mean_s=args.think, system_len=(args.system_len // 2 + 1, args.system_len * 3 // 2),
-        user_mean=float(args.user_len), user_len=(max(1, args.user_len // 4), args.user_len * 3),
-        answer_mean=float(args.answer_len),
-        answer_len=(max(1, args.answer_len // 2), args.answer_len * 2), length_sigma=0.5)
 
 
 def resolve_models(listing: dict, model: str | None,
@@ -293,7 +281,9 @@ async def _bench(args, prompts: Prompts) -> dict:
         context = args.max_context or next(
             (m["max_model_len"] for m in listing.get("data", [])
              if m.get("id") == base and m.get("max_model_len")), DEFAULT_CONTEXT)
-        firsts = make_workload(workload_spec(args, context))
+        firsts = make_workload(session_spec(args, name=args.workload,
+                                            num_adapters=args.num_adapters,
+                                            max_context=context))
         turns = sum(1 for _ in iter_turns(firsts))
         _status(f"{args.url}: base {base!r}, adapters {', '.join(served) or '(none)'}; "
                 f"{len(firsts)} sessions, {turns} turns, max context {context}")
