@@ -413,12 +413,10 @@ class AsyncLLM:
 
     Every touch of the `LLM` happens on the engine thread, between steps, so HTTP handlers
     never block behind a forward pass and never race the scheduler. A stream closed early
-    (client gone, `aclose`) aborts its request: its blocks are free within one step.
-    `stats` is a snapshot taken after every step, safe to read from any thread."""
+    (client gone, `aclose`) aborts its request: its blocks are free within one step."""
 
     def __init__(self, llm: LLM) -> None:
         self.llm = llm
-        self.stats = llm.stats()
         self.on_finish: list[Callable[[Output], None]] = []
         """Called on the engine thread with each finished request's `Output`."""
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
@@ -553,7 +551,6 @@ class AsyncLLM:
                     self._deliver(self.llm.step())
                 except Exception as e:  # fail the requests in flight, keep serving
                     self._fail_all(e)
-            self.stats = self.llm.stats()
 
     def _fail_all(self, error: Exception) -> None:
         for rid in self.llm.unfinished_ids:

@@ -2,17 +2,18 @@
 
 Per-request histograms are observed when a request finishes (on the engine thread, via
 `AsyncLLM.on_finish`). Engine-wide numbers (queue, hit rates, swap bytes, pool usage by
-kind) are read at scrape time from `AsyncLLM.stats`, the snapshot taken after each step,
-so a scrape never waits for or races a step. Each server has its own registry.
+kind) are an `LLM.stats()` snapshot taken on the engine thread when /metrics is scraped
+(`render`), between two steps: no step pays for them, and no scrape races a step. Each
+server has its own registry.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from fastlibra.llm import AsyncLLM, Output
+from fastlibra.llm import AsyncLLM, EngineStats, Output
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
                    0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -41,8 +42,16 @@ class ServerMetrics:
         self.finished = Counter("fastlibra:request_success",
                                 "Finished requests by finish reason.",
                                 [*labels, "finished_reason"], registry=self.registry)
-        self.registry.register(_EngineCollector(engine, model_name))
+        self.engine = engine
+        self._engine_numbers = _EngineCollector(engine.call(engine.llm.stats).result(),
+                                                model_name)
+        self.registry.register(self._engine_numbers)
         engine.on_finish.append(self.observe)
+
+    async def render(self) -> bytes:
+        """The exposition text, with engine numbers as of now."""
+        self._engine_numbers.snapshot = await self.engine.run(self.engine.llm.stats)
+        return generate_latest(self.registry)
 
     def observe(self, out: Output) -> None:
         m = self.model_name
@@ -57,14 +66,14 @@ class ServerMetrics:
 
 
 class _EngineCollector(Collector):
-    """Gauges and counters read from the engine's latest snapshot at scrape time."""
+    """Gauges and counters of the latest engine snapshot (`ServerMetrics.render`)."""
 
-    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
-        self.engine = engine
+    def __init__(self, snapshot: EngineStats, model_name: str) -> None:
+        self.snapshot = snapshot
         self.model_name = model_name
 
     def collect(self):
-        s = self.engine.stats
+        s = self.snapshot
         m = [self.model_name]
 
         def gauge(name: str, doc: str, value: float):
