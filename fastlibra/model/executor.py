@@ -59,7 +59,7 @@ class ModelExecutor:
     def __init__(self, model: ModelRunner, alloc_of: Callable[[str], Allocation],
                  sampler: Sampler | None = None,
                  clock: Callable[[], float] = time.perf_counter,
-                 wait_for: Callable[[Iterable[int], set[str]], None] | None = None) -> None:
+                 wait_for: Callable[[Iterable[int], Iterable[str]], None] | None = None) -> None:
         self.model = model
         self.alloc_of = alloc_of
         self.wait_for = wait_for
@@ -107,8 +107,8 @@ class ModelExecutor:
             rows.append(len(seqs) - 1)
         tokens: dict[str, list[int]] = {}
         if seqs and self.wait_for is not None:
-            self.wait_for({b for s in seqs for b in s.block_table},
-                          {s.adapter for s in seqs if s.adapter is not None})
+            self.wait_for((b for s in seqs for b in s.block_table),
+                          (s.adapter for s in seqs if s.adapter is not None))
         if seqs:
             logits = self.model.forward(seqs)  # [len(seqs), vocab]
             if rows:
@@ -236,8 +236,10 @@ class ArenaMover:
         for fut in self._swap_outs:
             fut.result()
         self._swap_outs.clear()
-        waits = [self._block_ready.pop(b, None) for b in blocks]
-        waits += [self._adapter_ready.pop(a, None) for a in adapters]
+        # Most steps have no copy in flight: then the block tables are not walked at all.
+        waits = [self._block_ready.pop(b, None) for b in blocks] if self._block_ready else []
+        if self._adapter_ready:
+            waits += [self._adapter_ready.pop(a, None) for a in adapters]
         for fut in waits:
             if fut is not None:
                 fut.result()

@@ -23,6 +23,10 @@ import torch
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; the message names the field."""
 
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -49,7 +53,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> SamplingParamsError:
             return SamplingParamsError(
-                f"SamplingParams.{field} must be {want}, got {getattr(self, field)!r}")
+                field, f"SamplingParams.{field} must be {want}, got {getattr(self, field)!r}")
 
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:

@@ -90,8 +90,7 @@ def _as_api_error(e: Exception, prompt_field: str) -> P.ApiError:
     if isinstance(e, RequestTooLarge):
         return P.ApiError(400, str(e), "max_tokens")
     if isinstance(e, SamplingParamsError):
-        name = str(e).split(".", 1)[1].split(" ", 1)[0] if "SamplingParams." in str(e) else None
-        return P.ApiError(400, str(e), name)
+        return P.ApiError(400, str(e), e.field)
     if isinstance(e, AdapterLoadError):
         return P.ApiError(400, str(e), "lora_path")
     if isinstance(e, ValueError):  # token ids outside the vocabulary, empty prompt, ...
