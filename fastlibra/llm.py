@@ -318,7 +318,7 @@ class LLM:
             if new:
                 ids, text = tr.take_delta()
                 out.append(Delta(rid, text, ids, tr.finish_reason))
-        self.mover.sync_adapters(self.cache)
+        self.mover.forget_dropped(self.cache)  # adapters the step dropped (no move)
         return out
 
     def _finish(self, live: _Live) -> None:

@@ -355,6 +355,17 @@ class ArenaMover:
         dropped (a drop moves nothing), and read the adapters it placed in host memory
         at registration. Afterwards the model runner holds exactly the adapters the cache
         has on device, and the host arena those it has on host."""
+        self.forget_dropped(cache)
+        for name, node in cache.adapters.items():
+            if node.tier is Tier.HOST and name not in self.on_host and name in self.layouts:
+                self.drain()  # its host blocks may be the source of a copy in flight
+                self._write(name, self.host, node.blocks)
+                self.on_host[name] = list(node.blocks)
+
+    def forget_dropped(self, cache: CacheManager) -> None:
+        """The part of `sync_adapters` a step needs: only registration places adapters
+        without a move, so between steps only drops are left to reconcile (and only the
+        resident adapters are looked at, not every registered one)."""
         for name in list(self.model.adapters):
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.DEVICE:
@@ -363,11 +374,6 @@ class ArenaMover:
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.HOST:
                 del self.on_host[name]
-        for name, node in cache.adapters.items():
-            if node.tier is Tier.HOST and name not in self.on_host and name in self.layouts:
-                self.drain()  # its host blocks may be the source of a copy in flight
-                self._write(name, self.host, node.blocks)
-                self.on_host[name] = list(node.blocks)
 
 
 def _metadata(adapter: LoraAdapter) -> LoraAdapter:
