@@ -43,6 +43,14 @@ Prompt = str | Sequence[int]
 COPY_JOIN_S = 0.001
 """A prefill whose copies are due within 1 ms joins the next step rather than waiting a
 whole step (~6 ms for bench replay's model): KV blocks copy at GB/s."""
+
+
+def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048) -> SchedulerConfig:
+    """How `LLM` batches: no per-layer copy waits in this runner, so a prefill either
+    waits for its copies or joins when they are due within `COPY_JOIN_S`. The simulator
+    reproduces the real engine with this same config (`sim.fidelity`)."""
+    return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                           layerwise_copies=False, copy_join_s=COPY_JOIN_S)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -157,10 +165,7 @@ class LLM:
         self.mover.sync_adapters(self.cache)  # policies that start adapters in host memory
         self.executor = ModelExecutor(self.runner, self._alloc, clock=self._clock,
                                       wait_for=self.mover.wait_for)
-        self.engine = Engine(SchedulerConfig(max_num_seqs=max_num_seqs,
-                                             max_batched_tokens=max_batched_tokens,
-                                             layerwise_copies=False,
-                                             copy_join_s=COPY_JOIN_S),
+        self.engine = Engine(scheduler_config(max_num_seqs, max_batched_tokens),
                              self.cache, self.executor)
         self.tokenizer = _load_tokenizer(tokenizer, Path(model_dir))
         eos = set(cfg.eos_token_ids)

@@ -44,16 +44,15 @@ from pathlib import Path
 
 import torch
 
-from fastlibra.config import HardwareProfile, LoraShape, ModelShape, SchedulerConfig
-from fastlibra.llm import COPY_JOIN_S
+from fastlibra.config import HardwareProfile, LoraShape, ModelShape
+from fastlibra.llm import scheduler_config
 from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work
 
 TARGET_REL_ERROR = 0.20
 MIN_REPLAY_STEPS = 20
 """Fewer replayed steps than this (tiny test runs) keep the isolated profile."""
 BLOCK_SIZE = 16
-REAL_SCHEDULER = SchedulerConfig(max_num_seqs=256, max_batched_tokens=2048,
-                                 layerwise_copies=False, copy_join_s=COPY_JOIN_S)
+REAL_SCHEDULER = scheduler_config()
 """What `LLM` builds its engine with (llm.py)."""
 
 
