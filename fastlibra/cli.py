@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--pairs", default=None,
                        help="comma list of model:hardware:tp[:rank] instead of the defaults")
     paper.add_argument("--seed", type=int, default=0)
+    paper.add_argument("--host-ratio", type=float, default=None,
+                       help="host pool = this x each pair's device budget (default: 256 GiB)")
     return parser
 
 

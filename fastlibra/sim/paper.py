@@ -18,7 +18,8 @@ Choices (each one is also written into the JSON `config`):
   smallest adapter set (20) but not its KV, and a few dozen conversations: the working set
   of every workload exceeds it. Each cell reports the working set as the peak device
   footprint of the lower-bound run (unlimited memory, nothing ever evicted) and its ratio
-  to the budget. Host memory is 256 GiB.
+  to the budget. Host memory is 256 GiB, or `--host-ratio R` times the device budget: the
+  cost model and the dependency rule only decide anything once the host tier fills.
 * **Rates.** Per (pair, workload), shared by its adapter counts, found automatically by
   a calibration on the sweep's own workload: the saturation rate `sat(policy, N)`
   (mean TTFT crosses 500 ms) is found by doubling from 0.5 req/s (halving if 0.5 already
@@ -84,6 +85,7 @@ CAL_MIN = CAL_START / 16
 CAL_BISECT = 2
 LADDER_LO = 0.6
 LADDER_HI = 1.25
+HOST_DEFAULT = 256 * 2**30
 MARKER_START = "<!-- paper-sweep:start -->"
 MARKER_END = "<!-- paper-sweep:end -->"
 
@@ -107,6 +109,10 @@ class Pair:
         p = self.profile()
         return BUDGET_TOKENS * p.model.kv_bytes_per_token + BUDGET_ADAPTERS * p.lora.nbytes(p.model)
 
+    def host_bytes(self, host_ratio: float | None) -> int:
+        """Host pool: `host_ratio` x the device budget, or HOST_DEFAULT when None."""
+        return HOST_DEFAULT if host_ratio is None else int(host_ratio * self.budget_bytes())
+
 
 PAIRS_FULL = (Pair("llama-3-8b", "h800-80g", 1, 32), Pair("codellama-34b", "h800-80g", 4, 64),
               Pair("llama-3-70b", "h800-80g", 8, 64))
@@ -126,6 +132,7 @@ class Task:
     policy: str
     device_memory: int | None
     adapter_share: float | None = None
+    host_memory: int = HOST_DEFAULT
 
 
 # -- worker side ----------------------------------------------------------------------------
@@ -144,7 +151,8 @@ def run_task(task: Task) -> dict:
     t0 = time.perf_counter()
     profile = task.pair.profile()
     reqs = _requests(task.workload, task.rate, task.adapters, task.duration, task.seed)
-    setup = SimSetup(profile, device_memory=task.device_memory, adapter_share=task.adapter_share)
+    setup = SimSetup(profile, device_memory=task.device_memory, host_memory=task.host_memory,
+                     adapter_share=task.adapter_share)
     if task.device_memory is None:
         setup = with_unlimited_memory(setup)
     res = simulate(task.policy, reqs, setup)
@@ -227,13 +235,14 @@ def drive(jobs: dict[object, Job], workers: int, bar: tqdm | None = None,
 # -- calibration: where does a policy saturate? ----------------------------------------------
 
 def saturation_job(pair: Pair, workload: str, adapters: int, policy: str, duration: float,
-                   seed: int) -> Job:
+                   seed: int, host_ratio: float | None = None) -> Job:
     """Rate (req/s) at which `policy`'s mean TTFT crosses THRESHOLD_S (doubling, halving,
     then geometric bisection and a final linear interpolation)."""
     budget = pair.budget_bytes()
 
     def task(rate: float) -> list[Task]:
-        return [Task(pair, workload, adapters, rate, duration, seed, policy, budget)]
+        return [Task(pair, workload, adapters, rate, duration, seed, policy, budget,
+                     host_memory=pair.host_bytes(host_ratio))]
 
     def over(res: dict) -> bool:  # no request finished (nan) = not loaded
         t = res["ttft_mean"]
@@ -314,13 +323,14 @@ def oracle_done(sweep: dict[float, dict]) -> bool:
 
 
 def cell_job(pair: Pair, workload: str, adapters: int, rate: float, duration: float,
-             seed: int) -> Job:
+             seed: int, host_ratio: float | None = None) -> Job:
     from fastlibra.cache.policies import get_policy
 
     budget = pair.budget_bytes()
 
     def task(policy: str, memory: int | None = budget, share: float | None = None) -> Task:
-        return Task(pair, workload, adapters, rate, duration, seed, policy, memory, share)
+        return Task(pair, workload, adapters, rate, duration, seed, policy, memory, share,
+                    pair.host_bytes(host_ratio))
 
     vllm_share = get_policy("vllm").adapter_share
     first = [task(p) for p in RUN_POLICIES] + [task(FASTLIBRA, None)]
@@ -561,6 +571,11 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return out
 
 
+def _host_text(cfg: dict) -> str:
+    ratio = cfg.get("host_ratio")
+    return "256 GiB" if ratio is None else f"{ratio:g} x the device budget"
+
+
 def markdown_section(doc: dict) -> str:
     s, cfg, m = doc["summary"], doc["config"], doc["machine"]
     lines = [MARKER_START, "", "## Paper-style sweep (simulator)", "",
@@ -574,7 +589,7 @@ def markdown_section(doc: dict) -> str:
                  f"{p['label']} rank {p['rank']}, device budget {p['budget_gib']:.2f} GiB"
                  for p in cfg["pairs"])
              + f". Budget rule: KV of {BUDGET_TOKENS} tokens + {BUDGET_ADAPTERS} adapters, the "
-             f"same for every policy; host 256 GiB. Workloads {', '.join(cfg['workloads'])}; "
+             f"same for every policy; host {_host_text(cfg)}. Workloads {', '.join(cfg['workloads'])}; "
              f"adapters {', '.join(map(str, cfg['adapters']))} (Zipf 1.0); "
              f"{cfg['duration_s']:g} s of arrivals, seed {cfg['seed']}. Rates per (pair, "
              "workload) "
@@ -694,7 +709,7 @@ def command_line(args) -> str:
     if args.quick:
         parts.append("--quick")
     for opt in ("pairs", "workloads", "adapters", "rates", "num_rates", "duration", "jobs",
-                "seed", "json", "markdown", "plot"):
+                "host_ratio", "seed", "json", "markdown", "plot"):
         v = getattr(args, opt, None)
         if v is None or (opt == "seed" and v == 0):
             continue
@@ -726,7 +741,8 @@ def run_paper(args) -> int:
           f"{duration:g} s of arrivals; {jobs} worker(s)")
     for p in pairs:
         print(f"  {p.label}: rank {p.rank}, device budget {p.budget_bytes() / 2**30:.2f} GiB "
-              f"({BUDGET_TOKENS} tokens of KV + {BUDGET_ADAPTERS} adapters)")
+              f"({BUDGET_TOKENS} tokens of KV + {BUDGET_ADAPTERS} adapters), host "
+              f"{p.host_bytes(args.host_ratio) / 2**30:.2f} GiB")
 
     runs = 0
     rates: dict[str, list[float]] = {}
@@ -740,10 +756,10 @@ def run_paper(args) -> int:
         cal_jobs = {}
         for p in pairs:
             for w in workloads:
-                cal_jobs[(p.label, w, "vllm")] = saturation_job(p, w, adapters[-1], "vllm",
-                                                                cal_duration, args.seed)
-                cal_jobs[(p.label, w, FASTLIBRA)] = saturation_job(p, w, adapters[0], FASTLIBRA,
-                                                                   cal_duration, args.seed)
+                cal_jobs[(p.label, w, "vllm")] = saturation_job(
+                    p, w, adapters[-1], "vllm", cal_duration, args.seed, args.host_ratio)
+                cal_jobs[(p.label, w, FASTLIBRA)] = saturation_job(
+                    p, w, adapters[0], FASTLIBRA, cal_duration, args.seed, args.host_ratio)
         with tqdm(total=0, unit="run", desc="calibrating rates", dynamic_ncols=True) as bar:
             sats = drive(cal_jobs, jobs, bar)
             runs += bar.n
@@ -763,7 +779,8 @@ def run_paper(args) -> int:
         for w in workloads:
             for n in adapters:
                 for r in rates[f"{p.label}/{w}"]:
-                    cell_jobs[(p.label, w, n, r)] = cell_job(p, w, n, r, duration, args.seed)
+                    cell_jobs[(p.label, w, n, r)] = cell_job(p, w, n, r, duration, args.seed,
+                                                             args.host_ratio)
     with tqdm(total=0, unit="run", desc=f"{len(cell_jobs)} cells", dynamic_ncols=True) as bar:
         cells = list(drive(cell_jobs, jobs, bar).values())
         runs += bar.n
@@ -798,7 +815,9 @@ def run_paper(args) -> int:
             "workloads": workloads, "adapters": adapters, "zipf": 1.0,
             "rates": rates, "calibration": calibration,
             "budget_rule": {"tokens": BUDGET_TOKENS, "adapters": BUDGET_ADAPTERS},
-            "host_memory_gib": 256, "threshold_s": THRESHOLD_S,
+            "host_ratio": args.host_ratio,
+            "host_memory_gib": {p.label: p.host_bytes(args.host_ratio) / 2**30 for p in pairs},
+            "threshold_s": THRESHOLD_S,
             "oracle": {"shares": list(SHARES), "patience": ORACLE_PATIENCE},
             "policies": list(ALL_POLICIES),
             "vllm_under_threshold_at_top_rate": unsat,

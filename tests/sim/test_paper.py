@@ -183,3 +183,27 @@ def test_calibration_finds_the_crossing_and_ignores_empty_runs():
 
     job = paper.saturation_job(pair, "chatbot", 20, "vllm", 10.0, 0)
     assert drive({0: job}, 1, runner=slow)[0] == pytest.approx(paper.CAL_MIN)
+
+
+def test_host_ratio_sizes_the_host_pool_of_every_run():
+    pair = Pair("llama-2-7b", "a100-80g", 1, 32)
+    seen = []
+
+    def record(task):
+        seen.append(task)
+        return {"ttft_mean": 0.01 * task.rate}
+
+    drive({0: paper.saturation_job(pair, "chatbot", 20, "vllm", 10.0, 0, host_ratio=1.5)}, 1,
+          runner=record)
+    assert seen and {t.host_memory for t in seen} == {int(1.5 * pair.budget_bytes())}
+    assert pair.host_bytes(None) == paper.HOST_DEFAULT
+
+
+def test_a_host_that_fills_changes_what_fastlibra_reuses():
+    """With the host at the device budget the host tier drops KV it would otherwise keep."""
+    pair = Pair("llama-2-7b", "a100-80g", 1, 32)
+    big = drive({0: cell_job(pair, "chatbot", 20, 20.0, 30.0, 0)}, 1)[0]
+    small = drive({0: cell_job(pair, "chatbot", 20, 20.0, 30.0, 0, host_ratio=1.0)}, 1)[0]
+    fl_big, fl_small = big["policies"]["fastlibra"], small["policies"]["fastlibra"]
+    assert fl_small["host_hit_rate"] < fl_big["host_hit_rate"]
+    assert small["policies"]["lower-bound"]["ttft_mean"] == big["policies"]["lower-bound"]["ttft_mean"]
