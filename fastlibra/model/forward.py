@@ -195,6 +195,10 @@ class ModelRunner:
         self.cfg = weights.config
         self.kv = kv
         self.adapters: dict[str, LoraAdapter] = {}
+        self._lora: dict[str, dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        """name -> (layer, module) -> [(A^T view [in, k], B^T [k, out])]: A is transposed
+        once here, not in every step (each op costs microseconds of dispatch, and a step
+        runs one per adapter, layer, module and part)."""
         self.inv_freq = self.cfg.rope.inv_freq(self.cfg.head_dim).to(weights.device)
         self._packed: dict[tuple[int, str] | str, torch.Tensor] = {}
         if weights.device.type == "cpu":
@@ -206,9 +210,12 @@ class ModelRunner:
         if adapter.name in self.adapters:
             raise ValueError(f"adapter {adapter.name!r} is already loaded")
         self.adapters[adapter.name] = adapter
+        self._lora[adapter.name] = {key: [(a.t(), bt) for a, bt in parts]
+                                    for key, parts in adapter.parts.items()}
 
     def remove_adapter(self, name: str) -> None:
         del self.adapters[name]
+        del self._lora[name]
 
     # -- public entry points -------------------------------------------------------------
     @torch.inference_mode()
@@ -355,15 +362,17 @@ class ModelRunner:
     def _linear(self, layer: int, module: str, x: torch.Tensor, step: _Step) -> torch.Tensor:
         """x @ W.T (+ bias) for every row, plus each adapter's low-rank update on its
         segment of rows (SGMV: segmented gather-free matmuls; base-model rows get none).
-        The scaling multiplies the small [rows, rank] product, never a weight."""
+        The scaling is addmm's alpha: no extra op, and no weight is ever rescaled."""
         lw = self.w.layers[layer]
         packed = self._packed.get((layer, module))
         y = F.linear(x, getattr(lw, module), lw.biases.get(module)) if packed is None \
             else _packed_linear(x, packed, lw.biases.get(module))
         for start, end, ad in step.segments:
-            for a, bt in ad.parts.get((layer, module), ()):
-                xa = (x[start:end] @ a.T).mul_(ad.scaling)  # [rows, rank part]
-                y[start:end].addmm_(xa, bt)
+            parts = self._lora[ad.name].get((layer, module))
+            if parts:
+                xs, ys = x[start:end], y[start:end]  # views: ys += scaling * xs A^T B^T
+                for a_t, bt in parts:
+                    ys.addmm_(torch.mm(xs, a_t), bt, alpha=ad.scaling)
         return y
 
     def _context(self, layer: int, k: torch.Tensor, v: torch.Tensor,
