@@ -258,8 +258,10 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
     """Time the real runner on this machine and fit `GpuSpec('cpu')` to it.
 
     Returns {"spec": GpuSpec, "profile": SimProfile, "points": [Point], "comparison",
-    "copy_bandwidth", "disk"}."""
+    "copy_bandwidth", "disk", "adapter_bytes"}; `adapter_bytes` is what the real engine
+    books for each adapter (its arena blocks), so the simulated pools fill the same way."""
     from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model
+    from fastlibra.model.lora import ArenaLayout
 
     weights = load_model(model_dir, dtype=torch.float32, device="cpu")
     cfg = weights.config
@@ -271,12 +273,15 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
     names = sorted(adapter_dirs)
     disk: list[tuple[int, float]] = []
     ranks = []
+    booked: dict[str, int] = {}
     for name in names:
         t = time.perf_counter()
         ad = load_adapter(adapter_dirs[name], cfg, max_rank=max_rank, name=name,
                           dtype=torch.float32, device="cpu")
         disk.append((ad.nbytes, time.perf_counter() - t))
         ranks.append(ad.rank)
+        booked[name] = ArenaLayout(ad, runner.kv.data[0].numel()).num_blocks \
+            * runner.kv.block_bytes
         runner.add_adapter(ad)
     gen = torch.Generator().manual_seed(0)
     points: list[Point] = []
@@ -352,6 +357,7 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
                     f"{r['fitted_ms']:8.3f} ms  ({r['rel_error']:+.1%})")
     return {"spec": spec, "profile": profile, "points": points, "comparison": rows,
             "copy_bandwidth": copy_bw, "disk": {"parse_s": parse, "bandwidth": disk_bw},
+            "adapter_bytes": booked,
             "engine_overhead_s": engine_s, "idle_wake_s": wake}
 
 
@@ -387,8 +393,10 @@ def fit_replay(isolated: SimProfile, step_log: list[dict]) -> tuple[SimProfile, 
 
 
 # -- the benchmark -----------------------------------------------------------------------
-def _sim_setup(profile: SimProfile, device: int, host: int):
-    """`SimSetup` with the real engine's scheduler and cost-model profile."""
+def _sim_setup(profile: SimProfile, device: int, host: int, adapter_bytes: dict[str, int]):
+    """`SimSetup` with the real engine's scheduler, cost-model profile and adapter sizes
+    (with one mean rank for all, rank-16 and rank-8 adapters would pack into vllm's static
+    share differently than they do for real, and its queueing for a slot with them)."""
     from fastlibra.sim.simulate import SimSetup
 
     class RealEngineSetup(SimSetup):
@@ -396,7 +404,8 @@ def _sim_setup(profile: SimProfile, device: int, host: int):
             return replace(super().cache_config(), hardware=HardwareProfile())
 
     return RealEngineSetup(profile, device_memory=device, host_memory=host,
-                           block_size=BLOCK_SIZE, scheduler=REAL_SCHEDULER)
+                           block_size=BLOCK_SIZE, scheduler=REAL_SCHEDULER,
+                           adapter_bytes=adapter_bytes)
 
 
 def run_fidelity(args) -> int:
@@ -444,7 +453,8 @@ def run_fidelity(args) -> int:
     isolated: dict[str, dict] = {}
     fits: dict[str, dict] = {}
     for policy in args.policy:
-        isolated[policy] = simulate(policy, firsts, _sim_setup(prof["profile"], device, host))
+        isolated[policy] = simulate(policy, firsts, _sim_setup(prof["profile"], device, host,
+                                                                prof["adapter_bytes"]))
         if len(replay_points(step_logs[policy])) >= MIN_REPLAY_STEPS:
             profile, fits[policy] = fit_replay(prof["profile"], step_logs[policy])
             f, g = fits[policy], profile.gpu
@@ -457,7 +467,8 @@ def run_fidelity(args) -> int:
         else:
             profile = prof["profile"]
             _status(f"{policy}: too few replayed steps to refit; the isolated profile is used")
-        sim[policy] = simulate(policy, firsts, _sim_setup(profile, device, host),
+        sim[policy] = simulate(policy, firsts,
+                               _sim_setup(profile, device, host, prof["adapter_bytes"]),
                                records=sim_records[policy])
     policies = {}
     for p in args.policy:

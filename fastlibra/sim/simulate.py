@@ -6,6 +6,7 @@ same step-time model and the same memory budget; only the cache policy differs.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from tqdm import tqdm
@@ -32,6 +33,9 @@ class SimSetup:
     adapter_share: float | None = None
     """Override of the static adapter share of `vllm`/`sglang` (vllm-oracle sweeps it)."""
     decay_half_life_s: float = CacheConfig.decay_half_life_s
+    adapter_bytes: Mapping[str, int] | None = None
+    """Bytes each named adapter books (a real engine's sizes, ranks differing); adapters
+    not named, or all when None, take the profile's adapter size."""
 
     def cache_config(self) -> CacheConfig:
         device = self.profile.free_hbm_bytes() if self.device_memory is None else self.device_memory
@@ -77,9 +81,10 @@ def simulate(policy: str, requests: list[Request], setup: SimSetup,
     share = setup.adapter_share if get_policy(policy).adapter_share is not None else None
     cache = CacheManager(setup.cache_config(), get_policy(policy, share),
                          SimMover(setup.profile))
-    adapter_bytes = setup.profile.lora.nbytes(setup.profile.model)
+    uniform = setup.profile.lora.nbytes(setup.profile.model)
+    sizes = setup.adapter_bytes or {}
     for name in adapter_names(requests):
-        cache.register_adapter(name, adapter_bytes)
+        cache.register_adapter(name, sizes.get(name, uniform))
     runner = SimRunner(setup.profile)
     timeline = Timeline(min_interval_s=timeline_interval_s)
     last_done = [0]
