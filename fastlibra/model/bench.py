@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -38,6 +37,7 @@ import torch
 
 from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model
 from fastlibra.model.lora import ArenaLayout
+from fastlibra.model.tiny import save_lora
 
 BLOCK_SIZE = 16
 TARGETS = {"decode_b1": 1.0, "decode_b16": 3.0, "adapter_prefill": 1.3}
@@ -49,9 +49,9 @@ def _status(msg: str) -> None:
 
 # -- the model on disk -----------------------------------------------------------------
 def build_model(root: Path, args) -> tuple[Path, Path]:
-    """A random Llama and a rank-`args.rank` LoRA (non-zero A and B), saved by the real
-    libraries; returns (model dir, adapter dir)."""
-    from peft import LoraConfig, get_peft_model
+    """A random Llama saved by transformers and a rank-`args.rank` LoRA on q/k/v/o with
+    non-zero A and B in PEFT's file layout (`tiny.save_lora`, so no peft is needed here);
+    returns (model dir, adapter dir)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(args.seed)
@@ -59,20 +59,10 @@ def build_model(root: Path, args) -> tuple[Path, Path]:
                       intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                       max_position_embeddings=max(4096, args.prefill_len * 2))
-    model = AutoModelForCausalLM.from_config(cfg)
-    base, adapter = root / "base", root / "adapter"
-    model.save_pretrained(base, safe_serialization=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft = get_peft_model(model, LoraConfig(
-            r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-        with torch.no_grad():
-            for name, p in peft.named_parameters():
-                if "lora_" in name:
-                    p.copy_(0.02 * torch.randn_like(p))
-        peft.save_pretrained(adapter)
-    return base, adapter
+    base = root / "base"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(base, safe_serialization=True)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    return base, save_lora(root / "adapter", base, cfg, args.rank, gen)
 
 
 def load_hf(base: Path):
