@@ -272,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--reps", type=int, default=5, help="timed runs per profile point")
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
+    fid.add_argument("--repeats", type=int, default=1,
+                     help="real replays per policy, interleaved across policies; the "
+                     "simulation is compared with their mean (default 1)")
 
     bserve = bsub.add_parser("serve", help="replay a multi-turn multi-adapter workload "
                              "against any OpenAI-compatible server (ours, vLLM, SGLang) over "
