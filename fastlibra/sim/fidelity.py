@@ -174,6 +174,21 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def _round_robin_times(steps: list, reps: int) -> list[float]:
+    """Median seconds of each step, timed round-robin (every rep visits every step once):
+    a slow minute of a shared machine then slows every point alike instead of skewing
+    the few measured during it, which the fit would read as a shape effect."""
+    for step in steps:
+        step()  # warm-up
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(reps):
+        for i, step in enumerate(steps):
+            t = time.perf_counter()
+            step()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
 def _plan(quick: bool) -> list[tuple[str, list[tuple[int, int, int]], int]]:
     """(label, [(new tokens, prefix, adapter index or -1)], ...) per point; a seq with one
     new token and prefix > 0 is a decode."""
@@ -195,6 +210,13 @@ def _plan(quick: bool) -> list[tuple[str, list[tuple[int, int, int]], int]]:
     plan.append(("decode b=4 ctx=128, 2 adapters", [(1, 128, i % 2) for i in range(4)], 0))
     plan.append(("decode b=8 ctx=128, 4 adapters", [(1, 128, i % 4) for i in range(8)], 0))
     plan.append(("prefill 64 + decode b=4 ctx=128", [(64, 0, -1)] + [(1, 128, -1)] * 4, 0))
+    # what a multi-turn chat runs most: decodes of unequal contexts (padded, masked), a
+    # follow-up turn's short prefill after its cached history, and the two mixed
+    plan.append(("decode b=2 ctx=96,320, 2 adapters", [(1, 96, 0), (1, 320, 1)], 0))
+    plan.append(("decode b=3 ctx=64,192,448", [(1, 64, -1), (1, 192, 0), (1, 448, -1)], 0))
+    plan.append(("prefill 40 after 160 cached, adapter", [(40, 160, 0)], 0))
+    plan.append(("prefill 40 after 160 + decode ctx=256",
+                 [(40, 160, 0), (1, 256, 1)], 0))
     return plan
 
 
@@ -284,9 +306,8 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
             * runner.kv.block_bytes
         runner.add_adapter(ad)
     gen = torch.Generator().manual_seed(0)
-    points: list[Point] = []
-    wakes: list[float] = []
-    for (label, seqs, _), sizes in zip(plan, per_seq, strict=True):
+    steps = []
+    for seqs, sizes in zip((p[1] for p in plan), per_seq, strict=True):
         inputs, start = [], 0
         for (n, q, ai), nb in zip(seqs, sizes, strict=True):
             toks = torch.randint(3, cfg.vocab_size, (n,), generator=gen).tolist()
@@ -297,7 +318,11 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
         def step(inputs=inputs) -> None:
             runner.forward(inputs).argmax(-1).tolist()
 
-        secs = _median_time(step, reps)
+        steps.append(step)
+    timings = _round_robin_times(steps, reps)
+    points: list[Point] = []
+    wakes: list[float] = []
+    for (label, seqs, _), step, secs in zip(plan, steps, timings, strict=True):
         if label in WAKE_POINTS:
             wakes.append(_idle_wake(step, secs, reps))
         pre = tuple((n, q) for n, q, _ in seqs if not (n == 1 and q > 0))
