@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Callable
 
 from fastlibra.cache import CacheError
 from fastlibra.cache.policies import POLICIES
@@ -26,6 +27,19 @@ def _floats(text: str) -> list[float]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"rates must be positive, got {text!r}")
     return values
+
+
+def _positive(kind: type) -> Callable[[str], int | float]:
+    """An argparse type: a number of `kind` above zero."""
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+        return value
+    return parse
 
 
 def _policy(text: str) -> str:
@@ -272,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--reps", type=int, default=5, help="timed runs per profile point")
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
-    fid.add_argument("--repeats", type=int, default=1,
+    fid.add_argument("--repeats", type=_positive(int), default=1,
                      help="real replays per policy, interleaved across policies; the "
                      "simulation is compared with their mean (default 1)")
 
@@ -331,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--pairs", default=None,
                        help="comma list of model:hardware:tp[:rank] instead of the defaults")
     paper.add_argument("--seed", type=int, default=0)
-    paper.add_argument("--host-ratio", type=float, default=None,
+    paper.add_argument("--host-ratio", type=_positive(float), default=None,
                        help="host pool = this x each pair's device budget (default: 256 GiB)")
     return parser
 

@@ -54,3 +54,15 @@ def test_an_impossible_setup_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--device-memory", "lots"])
     assert "cannot read 'lots' as a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["bench", "paper", "--host-ratio", "0"], "--host-ratio: must be positive, got '0'"),
+    (["bench", "fidelity", "--repeats", "-1"], "--repeats: must be positive, got '-1'"),
+    (["bench", "fidelity", "--repeats", "two"], "--repeats: expected a number, got 'two'"),
+])
+def test_counts_and_ratios_must_be_positive(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
