@@ -140,6 +140,9 @@ def _workload_args(replay: argparse.ArgumentParser) -> None:
     replay.add_argument("--host-memory", type=_bytes, default=None,
                         help="host pool bytes (default 8x the device pool)")
     replay.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    replay.add_argument("--repeats", type=_positive(int), default=1,
+                        help="replays per policy, interleaved across policies; numbers are "
+                        "their means (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,9 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--reps", type=int, default=5, help="timed runs per profile point")
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
-    fid.add_argument("--repeats", type=_positive(int), default=1,
-                     help="real replays per policy, interleaved across policies; the "
-                     "simulation is compared with their mean (default 1)")
 
     bserve = bsub.add_parser("serve", help="replay a multi-turn multi-adapter workload "
                              "against any OpenAI-compatible server (ours, vLLM, SGLang) over "

@@ -418,20 +418,6 @@ def fit_replay(isolated: SimProfile, step_log: list[dict]) -> tuple[SimProfile, 
 
 
 # -- the benchmark -----------------------------------------------------------------------
-def mean_of_replays(runs: list[dict]) -> dict:
-    """Several replays of one policy as one: the mean of each number (the requests of all
-    of them, in order). On this box one policy's mean TTFT moves by 20 % between replays
-    of the same code (vllm's queueing for a slot turns on sub-millisecond timing), so the
-    deterministic simulation is compared with the mean, not with one draw."""
-    keys = ("ttft_mean_ms", "ttft_p50_ms", "ttft_p99_ms", "tpot_mean_ms", "device_hit_rate",
-            "host_hit_rate", "steps", "mean_step_ms", "wall_s")
-    out = {k: statistics.fmean(r[k] for r in runs) for k in keys}
-    out["requests"] = round(statistics.fmean(r["requests"] for r in runs))
-    out["ttft_mean_ms_per_replay"] = [r["ttft_mean_ms"] for r in runs]
-    out["requests_detail"] = [x for r in runs for x in r["requests_detail"]]
-    return out
-
-
 def _sim_setup(profile: SimProfile, device: int, host: int, adapter_bytes: dict[str, int]):
     """`SimSetup` with the real engine's scheduler, cost-model profile and adapter sizes
     (with one mean rank for all, rank-16 and rank-8 adapters would pack into vllm's static
@@ -457,6 +443,7 @@ def run_fidelity(args) -> int:
         _adapter_bytes,
         _kv_bytes_per_token,
         build_assets,
+        mean_of_replays,
         replay_policy,
         workload_spec,
     )

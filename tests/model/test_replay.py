@@ -58,3 +58,34 @@ def test_bench_replay_two_policies(tmp_path, capsys):
     assert res["policies"]["fastlibra"]["invalid_kv_blocks_peak"] == 0  # the dependency rule
     assert math.isfinite(res["ttft_reduction_vs"]["vllm"])
     assert isinstance(res["target"]["met"], bool)
+
+
+def test_repeated_replays_report_their_mean():
+    from fastlibra.model.replay import mean_of_replays
+
+    a = {"policy": "vllm", "requests": 3, "ttft_mean_ms": 10.0, "adapter_disk_loads": 2,
+         "bytes_moved": {"load": 100, "swap_in": 0}, "requests_detail": [{"id": "x"}]}
+    b = {"policy": "vllm", "requests": 3, "ttft_mean_ms": 30.0, "adapter_disk_loads": 3,
+         "bytes_moved": {"load": 300, "swap_in": 10}, "requests_detail": [{"id": "x"}]}
+    m = mean_of_replays([a, b])
+    assert m["policy"] == "vllm" and m["requests"] == 3
+    assert m["ttft_mean_ms"] == 20.0 and m["adapter_disk_loads"] == 2.5
+    assert m["bytes_moved"] == {"load": 200, "swap_in": 5}
+    assert m["ttft_mean_ms_per_replay"] == [10.0, 30.0]
+    assert m["requests_detail"] == [{"id": "x"}, {"id": "x"}]
+    assert mean_of_replays([a]) | {"ttft_mean_ms_per_replay": None} == a | {
+        "ttft_mean_ms_per_replay": None}  # one replay is reported as it was
+
+
+def test_bench_replay_repeats_interleave_policies(tmp_path, capsys):
+    out = tmp_path / "replay.json"
+    assert main(["bench", "replay", *TINY, "--policy", "fastlibra,vllm", "--repeats", "2",
+                 "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    order = [line.split("replaying through ")[1].split()[0] for line in err.splitlines()
+             if "replaying through" in line]
+    assert order == ["fastlibra", "vllm", "fastlibra", "vllm"]
+    res = json.loads(out.read_text())
+    for p, r in res["policies"].items():
+        assert len(r["ttft_mean_ms_per_replay"]) == 2
+        assert len(res["requests"][p]) == 2 * res["workload"]["turns"]
