@@ -277,15 +277,11 @@ class ArenaMover:
             raise ValueError(f"{move.kind.value} is not a block copy (KV has no file on disk)")
 
     # -- adapters ------------------------------------------------------------------------
-    @property
-    def block_elems(self) -> int:
-        return self.model.kv.data[0].numel()
-
     def read_adapter(self, name: str, path: str | Path) -> int:
         """Read and check adapter `name` in `path`; remember where it goes. Returns the
         bytes of the arena blocks it occupies (what the cache should book)."""
         adapter = self.load_from(name, Path(path))
-        layout = ArenaLayout(adapter, self.block_elems)
+        layout = ArenaLayout(adapter, self.model.kv.block_elems)
         self.adapter_paths[name] = Path(path)
         self.layouts[name] = (_metadata(adapter), layout)
         return layout.num_blocks * self.model.kv.block_bytes
@@ -319,7 +315,7 @@ class ArenaMover:
         _, layout = self.layouts[name]
         adapter = self.load_from(name, self.adapter_paths[name])
         if arena.is_cuda:
-            staging = torch.zeros((len(blocks), self.block_elems), dtype=arena.dtype)
+            staging = torch.zeros((len(blocks), self.model.kv.block_elems), dtype=arena.dtype)
             layout.write(adapter, list(staging))
             arena[torch.tensor(blocks, dtype=torch.long, device=arena.device)] = \
                 staging.view(len(blocks), *arena.shape[1:]).to(arena.device)

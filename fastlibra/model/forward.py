@@ -67,6 +67,11 @@ class KVCache:
         """Bytes of one block over all layers (= CacheConfig.block_bytes at this dtype)."""
         return self.data[0].nbytes
 
+    @property
+    def block_elems(self) -> int:
+        """Elements of one block: the unit adapters are packed into (`ArenaLayout`)."""
+        return self.data[0].numel()
+
 
 @dataclass(frozen=True)
 class SeqInput:

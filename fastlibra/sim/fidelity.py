@@ -164,16 +164,6 @@ def compare(profile: SimProfile, points: list[Point]) -> list[dict]:
 
 
 # -- measuring the real runner -------------------------------------------------------------
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def _round_robin_times(steps: list, reps: int) -> list[float]:
     """Median seconds of each step, timed round-robin (every rep visits every step once):
     a slow minute of a shared machine then slows every point alike instead of skewing
@@ -302,7 +292,7 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
                           dtype=torch.float32, device="cpu")
         disk.append((ad.nbytes, time.perf_counter() - t))
         ranks.append(ad.rank)
-        booked[name] = ArenaLayout(ad, runner.kv.data[0].numel()).num_blocks \
+        booked[name] = ArenaLayout(ad, runner.kv.block_elems).num_blocks \
             * runner.kv.block_bytes
         runner.add_adapter(ad)
     gen = torch.Generator().manual_seed(0)
@@ -343,7 +333,7 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
         host[idx] = data[idx].cpu()
 
     nbytes = n * runner.kv.block_bytes
-    copy_bw = nbytes / statistics.fmean([_median_time(h2d, reps), _median_time(d2h, reps)])
+    copy_bw = nbytes / statistics.fmean(_round_robin_times([h2d, d2h], reps))
 
     # adapter reads: parse + bytes / bandwidth over the adapters' sizes (re-read, warm)
     for name in names[:4]:
