@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                           ("--kv-heads", 4), ("--intermediate", 2048), ("--vocab", 32000)):
         model.add_argument(flag, type=int, default=default, help=f"model shape (default {default})")
     model.add_argument("--rank", type=int, default=16, help="LoRA rank on q/k/v/o (default 16)")
+    model.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="weights, KV and activations on both sides (default float32)")
     model.add_argument("--prompt-len", type=int, default=128, help="prompt tokens before decode")
     model.add_argument("--decode-tokens", type=int, default=32, help="timed decode steps")
     model.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")],

@@ -17,7 +17,7 @@ two sides, reported as medians. Both sides run in this process with the same tor
 thread count. Default model (about 88 M parameters, 350 MB in float32):
 
     hidden 768, 6 layers, 12 query heads / 4 KV heads of width 64 (GQA),
-    intermediate 2048, vocab 32000, float32
+    intermediate 2048, vocab 32000, float32 (`--dtype bfloat16`: both sides in bf16)
 """
 
 from __future__ import annotations
@@ -65,10 +65,10 @@ def build_model(root: Path, args) -> tuple[Path, Path]:
     return base, save_lora(root / "adapter", base, cfg, args.rank, gen)
 
 
-def load_hf(base: Path):
+def load_hf(base: Path, dtype: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -76,16 +76,17 @@ def load_hf(base: Path):
 
 
 def load_ours(base: Path, adapter: Path, args) -> ModelRunner:
-    weights = load_model(base, dtype=torch.float32, device="cpu")
+    dtype = getattr(torch, args.dtype)
+    weights = load_model(base, dtype=dtype, device="cpu")
     per_seq = -(-(args.prompt_len + args.decode_tokens + 1) // BLOCK_SIZE)
     need = max(max(args.batches) * per_seq, -(-args.prefill_len // BLOCK_SIZE))
     lora = load_adapter(adapter, weights.config, max_rank=args.rank, name="lora",
-                        dtype=torch.float32, device="cpu")
+                        dtype=dtype, device="cpu")
     # As in the engine: the adapter's weights live in arena blocks after the KV blocks,
     # and the forward pass multiplies views of them.
     cfg = weights.config
     layout = ArenaLayout(lora, BLOCK_SIZE * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim)
-    kv = KVCache(weights.config, need + layout.num_blocks, BLOCK_SIZE, torch.float32, "cpu")
+    kv = KVCache(weights.config, need + layout.num_blocks, BLOCK_SIZE, dtype, "cpu")
     blocks = [kv.data[b].view(-1) for b in range(need, need + layout.num_blocks)]
     layout.write(lora, blocks)
     runner = ModelRunner(weights, kv)
@@ -231,7 +232,7 @@ def run_model_bench(args) -> int:
     torch.set_num_threads(threads)
     shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
              "kv_heads": args.kv_heads, "head_dim": args.hidden // args.heads,
-             "intermediate": args.intermediate, "vocab": args.vocab, "dtype": "float32",
+             "intermediate": args.intermediate, "vocab": args.vocab, "dtype": args.dtype,
              "lora_rank": args.rank, "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
     _status(f"{platform.python_version()}, torch {torch.__version__}, {threads} threads; "
             f"model {shape}")
@@ -239,7 +240,7 @@ def run_model_bench(args) -> int:
         t0 = time.perf_counter()
         base, adapter = build_model(Path(tmp), args)
         _status(f"built the model and adapter in {time.perf_counter() - t0:.1f} s")
-        runner, hf = load_ours(base, adapter, args), load_hf(base)
+        runner, hf = load_ours(base, adapter, args), load_hf(base, args.dtype)
         params = sum(p.numel() for p in hf.parameters())
         _status(f"loaded both ({params / 1e6:.1f} M parameters)")
         decode = []

@@ -189,10 +189,17 @@ def test_bfloat16_close_to_transformers_bfloat16(llama):
     hf = hf_model(base).to(torch.bfloat16)
     t = tokens(12, 20)
     want = hf(torch.tensor([t])).logits[0].float()
-    got = runner(base, dtype=torch.bfloat16).forward_all(
-        [SeqInput(t, 0, Blocks().table(12))])[0]
-    assert got.dtype == torch.bfloat16
-    close(got.float(), want.detach(), atol=0.05)
+    r = runner(base, dtype=torch.bfloat16)
+    table = Blocks().table(13)
+    got = r.forward_all([SeqInput(t, 0, table)])[0]
+    assert r.kv.data.dtype == torch.bfloat16  # the cache and weights stay bf16 ...
+    assert got.dtype == torch.float32  # ... logits come out float32 for sampling
+    close(got, want.detach(), atol=0.05)
+    # Decoding over the bf16 cache (attention widened to float32 on CPU) stays close too.
+    nxt = int(got[-1].argmax())
+    step = r.forward([SeqInput([nxt], len(t), table)])[0]
+    ref = hf(torch.tensor([t + [nxt]])).logits[0, -1].float()
+    close(step, ref.detach(), atol=0.05)
 
 
 def test_bad_step_inputs_are_rejected(llama):
