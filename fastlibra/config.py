@@ -36,7 +36,11 @@ class ModelShape:
     head_dim: int = 0
     """Per-head width; 0 means hidden_size // num_heads."""
     num_params: int = 0
-    """Parameter count, for compute estimates; 0 means estimated from the shape."""
+    """Parameter count (embedding and output projection included), for weight memory;
+    0 means estimated from the shape."""
+    vocab_size: int = 0
+    """0: unknown, and every parameter is charged to every token (no separate logits)."""
+    tied_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for f in ("num_layers", "hidden_size", "num_heads", "num_kv_heads",
@@ -46,10 +50,28 @@ class ModelShape:
                  "ModelShape.num_heads must be a multiple of num_kv_heads (GQA groups)")
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        _require(self.vocab_size >= 0, "ModelShape.vocab_size must be >= 0")
+        vocab = self.head_params * (1 if self.tied_embeddings else 2)
         if self.num_params == 0:
             attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
             mlp = 3 * self.hidden_size * self.intermediate_size
-            object.__setattr__(self, "num_params", self.num_layers * (attn + mlp))
+            norms = (2 * self.num_layers + 1) * self.hidden_size
+            object.__setattr__(self, "num_params",
+                               self.num_layers * (attn + mlp) + norms + vocab)
+        _require(self.num_params > vocab, f"ModelShape.num_params ({self.num_params}) must "
+                 f"exceed the embedding and output projection ({vocab})")
+
+    @property
+    def head_params(self) -> int:
+        """The output projection: computed once per sequence in a step (the logits of its
+        last token), not once per token; 0 when the vocabulary is unknown."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def body_params(self) -> int:
+        """What every token multiplies through: all parameters but the embedding (a row
+        gather, no FLOPs) and the output projection."""
+        return self.num_params - self.head_params * (1 if self.tied_embeddings else 2)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -28,7 +28,8 @@ def test_llama3_8b_kv_bytes_per_token():
                        num_kv_heads=8, intermediate_size=14336)
     # 2 x 32 layers x 8 KV heads x 128 x 2 bytes = 128 KiB per token
     assert llama.kv_bytes_per_token == 131072
-    assert llama.num_params == 32 * (4096 * 128 * (64 + 16) + 3 * 4096 * 14336)
+    assert llama.num_params == 32 * (4096 * 128 * (64 + 16) + 3 * 4096 * 14336) \
+        + 65 * 4096  # two RMSNorms a layer and the final one
 
 
 def test_lora_bytes_count_a_and_b_of_every_target_in_every_layer():

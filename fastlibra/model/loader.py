@@ -122,7 +122,8 @@ class ModelConfig:
         return ModelShape(self.names[0] if self.names else self.arch, self.num_layers,
                           self.hidden_size, self.num_heads, self.num_kv_heads,
                           self.intermediate_size, dtype_bytes=dtype_bytes,
-                          head_dim=self.head_dim)
+                          head_dim=self.head_dim, vocab_size=self.vocab_size,
+                          tied_embeddings=self.tie_word_embeddings)
 
 
 def _parse_rope(raw: dict, file: Path) -> RopeConfig:

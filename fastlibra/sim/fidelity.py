@@ -46,7 +46,7 @@ import torch
 
 from fastlibra.config import HardwareProfile, LoraShape, ModelShape
 from fastlibra.llm import scheduler_config
-from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work
+from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work, weight_work
 
 TARGET_REL_ERROR = 0.20
 MIN_REPLAY_STEPS = 20
@@ -78,12 +78,13 @@ def _terms(model: ModelShape, lora: LoraShape, p: Point,
     """(F, M, F_lora, B_lora, adapters, seqs) of `SimProfile.step_time` at tp = 1."""
     tokens = sum(n for n, _ in p.prefills) + p.num_decodes
     attn, kv_tokens = attention_work(model, p.prefills, p.decode_ctx_sum, p.num_decodes, padded)
-    flops = 2 * model.num_params * tokens + attn
-    mem = model.num_params * model.dtype_bytes + kv_tokens * model.kv_bytes_per_token
+    seqs = len(p.prefills) + p.num_decodes
+    flops, streamed = weight_work(model, tokens, seqs)
+    flops += attn
+    mem = streamed + kv_tokens * model.kv_bytes_per_token
     lb = lora.nbytes(model)
     lflops = 2 * tokens * lb / model.dtype_bytes if p.num_adapters else 0.0
-    return (flops, mem, lflops, p.num_adapters * lb, p.num_adapters,
-            len(p.prefills) + p.num_decodes)
+    return (flops, mem, lflops, p.num_adapters * lb, p.num_adapters, seqs)
 
 
 def _nnls(cols: list[list[float]], y: list[float]) -> list[float]:

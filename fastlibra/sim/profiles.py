@@ -2,10 +2,12 @@
 
 A step that computes `T` tokens (prefill chunks and one token per decoding request)
 costs the larger of its compute time and its memory time, plus LoRA, tensor-parallel
-communication and a fixed per-step overhead:
+communication and a fixed per-step overhead (S = sequences in the step: only each
+sequence's last token computes logits; the embedding is a row gather):
 
-    compute = (2 * params * T + attention FLOPs) / (tp * peak FLOP/s * MFU)
-    memory  = (weights + KV read) / (tp * HBM bandwidth)
+    compute = (2 * (body params * T + output projection * S) + attention FLOPs)
+              / (tp * peak FLOP/s * MFU)
+    memory  = (weights but the embedding + KV read) / (tp * HBM bandwidth)
     lora    = per distinct adapter: its weights read once + a kernel launch
     comm    = 2 all-reduces per layer over NVLink when tp > 1
 
@@ -27,15 +29,20 @@ MODELS: dict[str, ModelShape] = {
     m.name: m
     for m in [
         ModelShape("llama-2-7b", num_layers=32, hidden_size=4096, num_heads=32,
-                   num_kv_heads=32, intermediate_size=11008, num_params=6_738_000_000),
+                   num_kv_heads=32, intermediate_size=11008, num_params=6_738_000_000,
+                   vocab_size=32000),
         ModelShape("llama-3-8b", num_layers=32, hidden_size=4096, num_heads=32,
-                   num_kv_heads=8, intermediate_size=14336, num_params=8_030_000_000),
+                   num_kv_heads=8, intermediate_size=14336, num_params=8_030_000_000,
+                   vocab_size=128256),
         ModelShape("llama-2-13b", num_layers=40, hidden_size=5120, num_heads=40,
-                   num_kv_heads=40, intermediate_size=13824, num_params=13_016_000_000),
+                   num_kv_heads=40, intermediate_size=13824, num_params=13_016_000_000,
+                   vocab_size=32000),
         ModelShape("codellama-34b", num_layers=48, hidden_size=8192, num_heads=64,
-                   num_kv_heads=8, intermediate_size=22016, num_params=33_744_000_000),
+                   num_kv_heads=8, intermediate_size=22016, num_params=33_744_000_000,
+                   vocab_size=32000),
         ModelShape("llama-3-70b", num_layers=80, hidden_size=8192, num_heads=64,
-                   num_kv_heads=8, intermediate_size=28672, num_params=70_554_000_000),
+                   num_kv_heads=8, intermediate_size=28672, num_params=70_554_000_000,
+                   vocab_size=128256),
     ]
 }
 
@@ -112,6 +119,16 @@ def attention_work(model: ModelShape, prefills: list[tuple[int, int]] | tuple,
     return flops, decode_ctx_sum + sum(p + n for n, p in prefills)
 
 
+def weight_work(model: ModelShape, tokens: int, seqs: int) -> tuple[float, int]:
+    """(GEMM FLOPs, weight bytes read) of a step computing `tokens` tokens of `seqs`
+    sequences at tp = 1: every token goes through the decoder layers, one per sequence
+    through the output projection; the embedding is gathered, not multiplied. (The two
+    are 4 % of Llama-2 7B's parameters and 13 % of Llama-3 8B's: charging them to every
+    prefill token overstated its compute by that much.)"""
+    flops = 2 * (model.body_params * tokens + model.head_params * seqs)
+    return flops, (model.body_params + model.head_params) * model.dtype_bytes
+
+
 def lookup(table: dict, name: str, what: str):
     try:
         return table[name]
@@ -164,9 +181,10 @@ class SimProfile:
             return 0.0
         attn_flops, kv_tokens = attention_work(m, prefills, decode_ctx_sum, num_decodes,
                                                g.padded_attention)
-        compute = (2 * m.num_params * tokens + attn_flops) / (tp * g.flops * g.mfu)
-        kv_read = kv_tokens * m.kv_bytes_per_token
-        memory = (self.weight_bytes + kv_read) / (tp * g.hbm_bandwidth * g.mbu)
+        seqs = len(prefills) + num_decodes
+        flops, streamed = weight_work(m, tokens, seqs)
+        compute = (flops + attn_flops) / (tp * g.flops * g.mfu)
+        memory = (streamed + kv_tokens * m.kv_bytes_per_token) / (tp * g.hbm_bandwidth * g.mbu)
         lora = 0.0
         if num_adapters:
             lora_bytes = self.lora.nbytes(m)
@@ -178,7 +196,7 @@ class SimProfile:
             msg = tokens * m.hidden_size * m.dtype_bytes
             comm = 2 * m.num_layers * (ALLREDUCE_LATENCY_S
                                        + 2 * (tp - 1) / tp * msg / g.nvlink_bandwidth)
-        overhead = g.step_overhead_s + g.per_seq_overhead_s * (len(prefills) + num_decodes)
+        overhead = g.step_overhead_s + g.per_seq_overhead_s * seqs
         return max(compute, memory) + lora + comm + overhead
 
     def prefill_time(self, new_tokens: int, prefix: int = 0) -> float:

@@ -52,6 +52,16 @@ def test_cache_sizing_view_matches_the_arena(dirs):
     assert kv.k(1).shape == (8, BS, 2, 16)
 
 
+def test_shape_counts_the_parameters_the_file_holds(dirs):
+    """The simulator's step time reads body / output-projection parameters from the shape:
+    they must add up to what transformers counts for the same directory."""
+    from tinymodels import hf_model
+
+    cfg, shape = load_config(dirs[0]), load_config(dirs[0]).shape()
+    assert shape.vocab_size == cfg.vocab_size
+    assert shape.num_params == sum(p.numel() for p in hf_model(dirs[0]).parameters())
+
+
 def _copy(src: Path, tmp_path: Path) -> Path:
     dst = tmp_path / src.name
     shutil.copytree(src, dst)
