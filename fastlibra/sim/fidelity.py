@@ -23,17 +23,19 @@
     reported     per policy real vs simulated mean TTFT and their relative error
                  (target: within 20 %), both fits, and request-by-request records of both
 
-The fit: step_time = max(a*F, b*M) + a*F_lora + b*B_lora + c_lora*adapters + c0 + c1*seqs
+The fit: step_time = R(a*F, b*M) + a*F_lora + b*B_lora + c_lora*adapters + c0 + c1*seqs
 (F: FLOPs, M: weight + KV bytes, the same terms as `SimProfile.step_time`, with the CPU
-runner's padded attention). Whether a point is compute- or memory-bound is a threshold on
-F/M, so threshold splits are fitted by non-negative least squares (relative errors for the
-isolated points, seconds for the replayed steps) and the best split under the true (max)
-model wins.
+runner's padded attention; R the roofline: max, or the smooth maximum of
+`GpuSpec.roofline_p`). Under max, whether a point is compute- or memory-bound is a
+threshold on F/M, so threshold splits are fitted by non-negative least squares (relative
+errors for the isolated points, seconds for the replayed steps); under a smooth maximum
+the ratio b/a is gridded instead. The candidate with the least error wins.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -46,7 +48,7 @@ import torch
 
 from fastlibra.config import HardwareProfile, LoraShape, ModelShape
 from fastlibra.llm import scheduler_config
-from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work, weight_work
+from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work, roofline, weight_work
 
 TARGET_REL_ERROR = 0.20
 MIN_REPLAY_STEPS = 20
@@ -105,20 +107,31 @@ def _nnls(cols: list[list[float]], y: list[float]) -> list[float]:
     return [0.0] * len(cols)
 
 
-def _predict(coef: list[float], t: tuple[float, ...]) -> float:
+def _predict(coef: list[float], t: tuple[float, ...], p: float | None = None) -> float:
     a, b, c0, c1, c2 = coef
     f, m, lf, lb, nad, nseq = t
-    return max(a * f, b * m) + a * lf + b * lb + c2 * nad + c0 + c1 * nseq
+    return roofline(a * f, b * m, p) + a * lf + b * lb + c2 * nad + c0 + c1 * nseq
+
+
+ROOFLINE_PS = (None, 4.0, 3.0, 2.0, 1.5, 1.25)
+"""Candidate `GpuSpec.roofline_p` values (None = max) that `fit_spec` tries."""
+REFINE_STEPS = 24
+GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def fit_spec(model: ModelShape, lora: LoraShape, points: list[Point], *,
              pcie_bandwidth: float, disk_bandwidth: float, adapter_parse_s: float,
              memory_bytes: int = 64 * GiB, name: str = "cpu", relative: bool = True,
-             max_splits: int = 64, padded_attention: bool = False) -> GpuSpec:
+             max_splits: int = 64, padded_attention: bool = False,
+             roofline_ps: tuple[float | None, ...] = ROOFLINE_PS) -> GpuSpec:
     """The `GpuSpec` (mfu = mbu = 1) whose `SimProfile.step_time` best matches `points`
     in relative error, or in seconds (`relative=False`: the fit's total equals the
     measured total, which is what queueing and mean TTFT follow when the steps are noisy).
-    At most `max_splits` compute/memory thresholds are tried (quantiles of F/M)."""
+    At most `max_splits` compute/memory thresholds are tried (quantiles of F/M).
+
+    With the max roofline a threshold split makes the model linear in its coefficients.
+    With a finite p it is linear once the ratio k = b / a is fixed, so each p is fitted
+    over the same grid of ratios (the threshold of a split is that ratio)."""
     if len(points) < 5:
         raise ValueError("the profile fit needs at least 5 measured steps")
     terms = [_terms(model, lora, p, padded_attention) for p in points]
@@ -128,29 +141,62 @@ def fit_spec(model: ModelShape, lora: LoraShape, points: list[Point], *,
         ratio = [ratio[round(i * (len(ratio) - 1) / (max_splits - 1))] for i in range(max_splits)]
     thresholds = [0.0] + [r * (1 + 1e-9) for r in ratio]  # compute-bound iff F/M >= thr
     weight = [1 / y if relative else 1.0 for y in ys]
-    best: tuple[float, list[float]] | None = None
-    for thr in thresholds:
-        ind = [t[0] / t[1] >= thr for t in terms]
-        rows = [(t[0] * c + t[2], t[1] * (not c) + t[3], 1.0, t[5], t[4])
-                for t, c in zip(terms, ind, strict=True)]
-        cols = [[r[j] * w for r, w in zip(rows, weight, strict=True)] for j in range(5)]
-        coef = _nnls(cols, [y * w for y, w in zip(ys, weight, strict=True)])
-        if coef[0] <= 0:
+    wy = [y * w for y, w in zip(ys, weight, strict=True)]
+
+    def solve(rows: list[tuple[float, ...]]) -> list[float]:
+        cols = [[r[j] * w for r, w in zip(rows, weight, strict=True)]
+                for j in range(len(rows[0]))]
+        return _nnls(cols, wy)
+
+    def error(coef: list[float], p: float | None) -> float:
+        return sum(((_predict(coef, t, p) - y) * w) ** 2
+                   for t, y, w in zip(terms, ys, weight, strict=True))
+
+    candidates: list[tuple[list[float], float | None]] = []
+    if None in roofline_ps:
+        for thr in thresholds:
+            ind = [t[0] / t[1] >= thr for t in terms]
+            coef = solve([(t[0] * c + t[2], t[1] * (not c) + t[3], 1.0, t[5], t[4])
+                          for t, c in zip(terms, ind, strict=True)])
+            if coef[0] <= 0:
+                continue
+            if coef[1] <= 0:  # memory never binds: the largest b that keeps it so
+                coef[1] = min(coef[0] * t[0] / t[1] for t in terms)
+            candidates.append((coef, None))
+    for p in (q for q in roofline_ps if q is not None):
+        def at(k: float, p: float = p) -> tuple[float, tuple[list[float], float]]:
+            """Best fit with b = k * a, and its error (infinite without a compute term)."""
+            a, c0, c1, c2 = solve([(roofline(t[0], k * t[1], p) + t[2] + k * t[3], 1.0,
+                                    t[5], t[4]) for t in terms])
+            cand = ([a, k * a, c0, c1, c2], p)
+            return (error(*cand) if a > 0 else math.inf), cand
+
+        grid = [at(k) for k in ratio]
+        i = min(range(len(grid)), key=lambda j: grid[j][0])
+        if math.isinf(grid[i][0]):
             continue
-        if coef[1] <= 0:  # memory never binds: the largest b that keeps it so
-            coef[1] = min(coef[0] * t[0] / t[1] for t in terms)
-        err = sum(((_predict(coef, t) - y) * w) ** 2
-                  for t, y, w in zip(terms, ys, weight, strict=True))
-        if best is None or err < best[0]:
-            best = (err, coef)
-    if best is None:
+        # the grid's ratios are the points' F/M, not the machine's b/a: refine between
+        # the neighbours of the best one (golden section on log k)
+        lo = math.log(ratio[max(0, i - 1)])
+        hi = math.log(ratio[min(len(ratio) - 1, i + 1)])
+        best = grid[i]
+        for _ in range(REFINE_STEPS):
+            m1, m2 = hi - GOLDEN * (hi - lo), lo + GOLDEN * (hi - lo)
+            f1, f2 = at(math.exp(m1)), at(math.exp(m2))
+            best = min(best, f1, f2, key=lambda c: c[0])
+            if f1[0] <= f2[0]:
+                hi = m2
+            else:
+                lo = m1
+        candidates.append(best[1])
+    if not candidates:
         raise ValueError("no compute term fits the measured steps")
-    a, b, c0, c1, c2 = best[1]
+    (a, b, c0, c1, c2), p = min(candidates, key=lambda c: error(*c))
     return GpuSpec(name, memory_bytes, flops=1 / a, hbm_bandwidth=1 / b,
                    pcie_bandwidth=pcie_bandwidth, nvlink_bandwidth=pcie_bandwidth,
                    disk_bandwidth=disk_bandwidth, mfu=1.0, mbu=1.0, step_overhead_s=c0,
                    per_seq_overhead_s=c1, lora_launch_s=c2, adapter_parse_s=adapter_parse_s,
-                   padded_attention=padded_attention)
+                   padded_attention=padded_attention, roofline_p=p)
 
 
 def compare(profile: SimProfile, points: list[Point]) -> list[dict]:

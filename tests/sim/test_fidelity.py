@@ -52,8 +52,27 @@ def test_the_fit_recovers_known_parameters(padded, relative):
     assert spec.lora_launch_s == pytest.approx(truth.lora_launch_s, rel=0.05)
     assert (spec.mfu, spec.mbu, spec.adapter_parse_s) == (1.0, 1.0, 1e-3)
     assert spec.padded_attention is padded
+    assert spec.roofline_p is None  # the truth is a plain max: no smooth one fits better
     rows = compare(SimProfile(TINY, spec, 1, LORA), points)
     assert max(abs(r["rel_error"]) for r in rows) < 0.01
+
+
+@pytest.mark.parametrize("p", [3.0, 1.5])
+def test_the_fit_finds_a_smooth_roofline_where_compute_and_memory_add_up(p):
+    truth = replace(TRUTH, roofline_p=p, padded_attention=True)
+    points = _synthetic(truth)
+    spec = fit_spec(TINY, LORA, points, pcie_bandwidth=5e9, disk_bandwidth=1e9,
+                    adapter_parse_s=1e-3, padded_attention=True, max_splits=256)
+    assert spec.roofline_p == p
+    assert spec.flops == pytest.approx(truth.flops, rel=0.05)
+    assert spec.hbm_bandwidth == pytest.approx(truth.hbm_bandwidth, rel=0.05)
+    rows = compare(SimProfile(TINY, spec, 1, LORA), points)
+    assert max(abs(r["rel_error"]) for r in rows) < 0.02
+    # the max roofline alone cannot describe these steps as well
+    plain = fit_spec(TINY, LORA, points, pcie_bandwidth=5e9, disk_bandwidth=1e9,
+                     adapter_parse_s=1e-3, padded_attention=True, roofline_ps=(None,))
+    worst = max(abs(r["rel_error"]) for r in compare(SimProfile(TINY, plain, 1, LORA), points))
+    assert worst > 0.02
 
 
 def _noisy(points: list[Point]) -> list[Point]:

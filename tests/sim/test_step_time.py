@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from fastlibra.config import ConfigError, ModelShape
-from fastlibra.sim.profiles import GPUS, MODELS, SimProfile, attention_work, weight_work
+from fastlibra.sim.profiles import GPUS, MODELS, SimProfile, attention_work, roofline, weight_work
 
 LLAMA3 = MODELS["llama-3-8b"]
 # Compute-bound at any batch: HBM so fast that the memory term never wins.
@@ -65,3 +65,24 @@ def test_tied_embeddings_count_the_matrix_once():
 def test_a_parameter_count_below_the_vocabulary_matrices_is_refused():
     with pytest.raises(ConfigError, match="must exceed the embedding and output projection"):
         replace(LLAMA3, num_params=2 * LLAMA3.head_params)
+
+
+def test_the_smooth_roofline_is_max_where_one_side_dominates_and_more_at_the_knee():
+    assert roofline(3.0, 1.0, None) == 3.0
+    assert roofline(3.0, 0.0, 2.0) == pytest.approx(3.0)
+    assert roofline(3.0, 4.0, 1.0) == pytest.approx(7.0)  # p = 1: the sum
+    assert roofline(3.0, 4.0, 2.0) == pytest.approx(5.0)
+    assert roofline(100.0, 1.0, 3.0) == pytest.approx(100.0, rel=1e-5)
+    assert roofline(0.0, 0.0, 2.0) == 0.0
+    knee = [roofline(1.0, 1.0, p) for p in (1.25, 1.5, 2.0, 4.0)]
+    assert knee == sorted(knee, reverse=True) and knee[-1] > 1.0
+
+
+def test_a_gpu_profile_keeps_the_plain_max():
+    assert all(g.roofline_p is None for g in GPUS.values())
+    prof = SimProfile(LLAMA3, GPUS["a100-80g"])
+    smooth = SimProfile(LLAMA3, replace(GPUS["a100-80g"], roofline_p=2.0))
+    # one decode: memory-bound by far, both agree; a 512-token prefill sits near the knee
+    assert smooth.step_time([], 100, 1, 0) == pytest.approx(prof.step_time([], 100, 1, 0),
+                                                            rel=1e-3)
+    assert smooth.prefill_time(128) > prof.prefill_time(128)
