@@ -199,6 +199,10 @@ def fit_spec(model: ModelShape, lora: LoraShape, points: list[Point], *,
                    padded_attention=padded_attention, roofline_p=p)
 
 
+def _roofline_name(spec: GpuSpec) -> str:
+    return "max roofline" if spec.roofline_p is None else f"roofline p={spec.roofline_p:g}"
+
+
 def compare(profile: SimProfile, points: list[Point]) -> list[dict]:
     """Measured against `profile.step_time`, point by point."""
     out = []
@@ -408,7 +412,8 @@ def measure_cpu_profile(model_dir: str | Path, adapter_dirs: dict[str, Path], *,
     rows = compare(SimProfile(shape, model_spec, 1, lora), points)
     if verbose:
         _status(f"fitted {spec.name}: {spec.flops / 1e9:.2f} GFLOP/s, "
-                f"{spec.hbm_bandwidth / 1e9:.2f} GB/s reads, step {1e3 * spec.step_overhead_s:.3f}"
+                f"{spec.hbm_bandwidth / 1e9:.2f} GB/s reads, {_roofline_name(spec)}, "
+                f"step {1e3 * spec.step_overhead_s:.3f}"
                 f" ms + {1e3 * spec.per_seq_overhead_s:.3f} ms/seq + "
                 f"{1e3 * spec.lora_launch_s:.3f} ms/adapter; copies {copy_bw / 1e9:.2f} GB/s, "
                 f"adapter read {1e3 * parse:.2f} ms + {disk_bw / 1e9:.2f} GB/s; engine "
@@ -525,7 +530,7 @@ def run_fidelity(args) -> int:
             profile, fits[policy] = fit_replay(prof["profile"], step_logs[policy])
             f, g = fits[policy], profile.gpu
             _status(f"{policy}: refitted on {f['steps']} replayed steps: {g.flops / 1e9:.2f} "
-                    f"GFLOP/s, {g.hbm_bandwidth / 1e9:.2f} GB/s, step "
+                    f"GFLOP/s, {g.hbm_bandwidth / 1e9:.2f} GB/s, {_roofline_name(g)}, step "
                     f"{1e3 * g.step_overhead_s:.3f} ms + {1e3 * g.per_seq_overhead_s:.3f} "
                     f"ms/seq + {1e3 * g.lora_launch_s:.3f} ms/adapter; mean |error| "
                     f"{f['mean_abs_rel_error']:.1%}, total {f['total_rel_error']:+.1%} "
