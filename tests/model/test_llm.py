@@ -319,3 +319,32 @@ def test_a_host_hit_whose_copy_is_quick_joins_the_next_step(served):
     out = llm.take_output(rid)
     assert out.cached_tokens == 16 and llm.cache.stats.host_hit_tokens >= 16
     assert out.token_ids == ref.greedy(prefix + suffix, "a", 8)
+
+
+def test_bfloat16_engine_swaps_kv_and_adapters_exactly(served):
+    """The engine in bf16 (weights, arenas and adapter blocks all bf16; attention widened
+    to fp32 on CPU, fp32 logits): a prefix swapped to host and back, over a device arena
+    filled with noise, gives the same greedy output as the same prefix hit on device."""
+    base, adapters, _ = served
+
+    def bf16_llm() -> LLM:
+        return LLM(base, adapters, device_memory=128 * KIB, host_memory=256 * KIB,
+                   block_size=4, dtype="bfloat16", device="cpu")
+
+    prefix, s1, s3 = tokens(12, 60), tokens(3, 61), tokens(2, 63)
+    hit_llm = bf16_llm()
+    assert hit_llm.runner.kv.data.dtype == torch.bfloat16
+    hit_llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    (hit,) = hit_llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
+    assert hit.cached_tokens == 12 and hit_llm.cache.stats.device_hit_tokens == 12
+
+    llm = bf16_llm()
+    llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    for node in device_kv(llm, "a"):
+        llm.cache.move(node, Tier.HOST, llm.engine.now)
+    llm.cache.move(llm.cache.adapter("a"), Tier.HOST, llm.engine.now)
+    poison_kv(llm)
+    (swapped,) = llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
+    assert swapped.cached_tokens == 12 and llm.cache.stats.host_hit_tokens == 12
+    assert swapped.token_ids == hit.token_ids and len(swapped.token_ids) == 8
+    llm.cache.check_invariants()
