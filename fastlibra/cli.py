@@ -139,6 +139,10 @@ def _workload_args(replay: argparse.ArgumentParser) -> None:
                         help="device pool bytes (overrides --conversations)")
     replay.add_argument("--host-memory", type=_bytes, default=None,
                         help="host pool bytes (default 8x the device pool)")
+    replay.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the engine runs (default cpu)")
+    replay.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        default="float32", help="model, KV and adapter dtype (default float32)")
     replay.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     replay.add_argument("--repeats", type=_positive(int), default=1,
                         help="replays per policy, interleaved across policies; numbers are "

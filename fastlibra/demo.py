@@ -64,6 +64,8 @@ class DemoSettings:
     heads: int = TINY_SHAPE["num_attention_heads"]
     kv_heads: int = TINY_SHAPE["num_key_value_heads"]
     intermediate: int = TINY_SHAPE["intermediate_size"]
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 SERVED_NAME = "fastlibra-demo"

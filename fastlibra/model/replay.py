@@ -55,23 +55,30 @@ def build_assets(root: Path, args) -> tuple[Path, dict[str, Path]]:
     alternate args.rank_hi / args.rank_lo."""
     return build_tiny_model(
         root, num_adapters=args.adapters, ranks=(args.rank_hi, args.rank_lo), seed=args.seed,
+        dtype=getattr(torch, args.dtype),
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads)
 
 
-def _adapter_bytes(paths: dict[str, Path]) -> int:
-    return sum(sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths.values())
+def _elem_bytes(args) -> int:
+    return torch.finfo(getattr(torch, args.dtype)).bits // 8
+
+
+def _adapter_bytes(paths: dict[str, Path], args) -> int:
+    """The adapters' weights in the engine's dtype (`save_lora` writes float32 files)."""
+    files = sum(sum(f.stat().st_size for f in p.glob("*.safetensors")) for p in paths.values())
+    return files * _elem_bytes(args) // 4
 
 
 def _kv_bytes_per_token(args) -> int:
-    return args.layers * 2 * args.kv_heads * (args.hidden // args.heads) * 4  # float32
+    return args.layers * 2 * args.kv_heads * (args.hidden // args.heads) * _elem_bytes(args)
 
 
 def default_budget(args, adapters: dict[str, Path]) -> tuple[int, int]:
     """(device, host) bytes: the adapters plus `args.conversations` 256-token contexts of
     KV on the device, so the pool is under pressure; 8x that on the host."""
-    device = args.device_memory or (_adapter_bytes(adapters)
+    device = args.device_memory or (_adapter_bytes(adapters, args)
                                     + args.conversations * CONV_TOKENS * _kv_bytes_per_token(args))
     return device, args.host_memory or 8 * device
 
@@ -96,7 +103,7 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
     from fastlibra.model.sampling import SamplingParams
 
     llm = LLM(base, {k: str(v) for k, v in adapters.items()}, device_memory=device_memory,
-              host_memory=host_memory, policy=policy, dtype="float32", device="cpu",
+              host_memory=host_memory, policy=policy, dtype=args.dtype, device=args.device,
               block_size=BLOCK_SIZE, max_lora_rank=max(args.rank_hi, args.rank_lo))
     llm.generate([5, 6, 7, 8], sampling=SamplingParams(temperature=0.0, max_tokens=2,
                                                        ignore_eos=True))  # warm-up, base model
@@ -269,7 +276,7 @@ def run_replay(args) -> int:
         raise ValueError("the workload is empty; raise --rate or --duration")
     shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
              "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab,
-             "dtype": "float32", "adapters": args.adapters,
+             "dtype": args.dtype, "device": args.device, "adapters": args.adapters,
              "adapter_ranks": [args.rank_hi if i % 2 == 0 else args.rank_lo
                                for i in range(args.adapters)]}
     _status(f"torch {torch.__version__}, {args.threads} thread(s); model {shape}")
@@ -279,7 +286,7 @@ def run_replay(args) -> int:
         t = time.perf_counter()
         base, adapters = build_assets(Path(tmp), args)
         kv_tok = _kv_bytes_per_token(args)
-        ad_bytes = _adapter_bytes(adapters)
+        ad_bytes = _adapter_bytes(adapters, args)
         device, host = default_budget(args, adapters)
         _status(f"built the model and {args.adapters} adapters in "
                 f"{time.perf_counter() - t:.1f} s; adapters {ad_bytes / 2**20:.2f} MiB, KV "

@@ -43,9 +43,11 @@ def word(token_id: int) -> str:
 
 
 def build_tiny_model(root: Path, *, num_adapters: int = 4, ranks: tuple[int, ...] = (8, 16),
-                     seed: int = 0, **shape) -> tuple[Path, dict[str, Path]]:
-    """Write the model and `num_adapters` adapters (adapter i has rank ranks[i % len]) under
-    `root`; `shape` overrides `TINY_SHAPE` (LlamaConfig keywords). Same seed, same files."""
+                     seed: int = 0, dtype: torch.dtype = torch.float32,
+                     **shape) -> tuple[Path, dict[str, Path]]:
+    """Write the model (its weights in `dtype`) and `num_adapters` float32 adapters
+    (adapter i has rank ranks[i % len]) under `root`; `shape` overrides `TINY_SHAPE`
+    (LlamaConfig keywords). Same seed, same files."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**{**TINY_SHAPE, **shape}, bos_token_id=1, eos_token_id=2)
@@ -53,7 +55,8 @@ def build_tiny_model(root: Path, *, num_adapters: int = 4, ranks: tuple[int, ...
         raise ValueError(f"vocab_size must be above {FIRST_WORD} (the special tokens)")
     torch.manual_seed(seed)
     base = root / "base"
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(base, safe_serialization=True)
+    AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(
+        base, safe_serialization=True)
     save_tokenizer(base, cfg.vocab_size)
     gen = torch.Generator().manual_seed(seed + 1)
     adapters: dict[str, Path] = {}

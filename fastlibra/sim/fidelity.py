@@ -493,6 +493,9 @@ def run_fidelity(args) -> int:
     from fastlibra.workloads import iter_turns, make_workload
 
     assert REPLAY_BLOCK == BLOCK_SIZE
+    if (args.device, args.dtype) != ("cpu", "float32"):
+        raise ValueError("bench fidelity measures its `cpu` profile on the CPU in float32; "
+                         f"--device {args.device} --dtype {args.dtype} is for bench replay")
     torch.set_num_threads(args.threads)
     firsts = make_workload(workload_spec(args))
     turns = list(iter_turns(firsts))
@@ -506,7 +509,7 @@ def run_fidelity(args) -> int:
     with tempfile.TemporaryDirectory(prefix="fastlibra-bench-fidelity-") as tmp:
         base, adapters = build_assets(Path(tmp), args)
         kv_tok = _kv_bytes_per_token(args)
-        ad_bytes = _adapter_bytes(adapters)
+        ad_bytes = _adapter_bytes(adapters, args)
         device = args.device_memory or ad_bytes + args.conversations * CONV_TOKENS * kv_tok
         host = args.host_memory or 8 * device
         _status("measuring the CPU profile")

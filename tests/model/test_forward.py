@@ -32,7 +32,7 @@ def llama(tmp_path_factory):
 
 
 def close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL) -> None:
-    torch.testing.assert_close(got, want, atol=atol, rtol=0)
+    torch.testing.assert_close(got.cpu(), want.cpu(), atol=atol, rtol=0)
 
 
 def test_mixed_adapter_batch_matches_peft(llama):

@@ -16,7 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 from llmsetup import served_setup, text, word
-from tinymodels import tokens
+from tinymodels import DEVICE, tokens
 
 from fastlibra.cache import RequestTooLarge, Tier, UnknownAdapter
 from fastlibra.cache.pool import BlockKind
@@ -47,7 +47,7 @@ def poison_kv(llm: LLM) -> None:
 def make_llm(served, device_kib=256, host_kib=256, **kw) -> LLM:
     base, adapters, _ = served
     return LLM(base, adapters, device_memory=device_kib * KIB, host_memory=host_kib * KIB,
-               block_size=4, dtype="float32", device="cpu", **kw)
+               block_size=4, dtype="float32", device=DEVICE, **kw)
 
 
 def test_mixed_adapters_in_one_call_match_peft_greedy(served):
@@ -329,7 +329,7 @@ def test_bfloat16_engine_swaps_kv_and_adapters_exactly(served):
 
     def bf16_llm() -> LLM:
         return LLM(base, adapters, device_memory=128 * KIB, host_memory=256 * KIB,
-                   block_size=4, dtype="bfloat16", device="cpu")
+                   block_size=4, dtype="bfloat16", device=DEVICE)
 
     prefix, s1, s3 = tokens(12, 60), tokens(3, 61), tokens(2, 63)
     hit_llm = bf16_llm()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from fastlibra.cli import main
 
 TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2",
@@ -89,3 +91,25 @@ def test_bench_replay_repeats_interleave_policies(tmp_path, capsys):
     for p, r in res["policies"].items():
         assert len(r["ttft_mean_ms_per_replay"]) == 2
         assert len(res["requests"][p]) == 2 * res["workload"]["turns"]
+
+
+def test_bench_replay_in_bfloat16_budgets_bf16_bytes(tmp_path):
+    """`--dtype bfloat16`: the engine, its KV and its adapters run in bf16, and the
+    default device budget (adapters + conversations of KV) is counted in bf16 bytes."""
+    budgets = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["bench", "replay", *TINY, "--policy", "fastlibra", "--dtype", dtype,
+                     "--json", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["model"]["dtype"] == dtype and res["model"]["device"] == "cpu"
+        assert res["policies"]["fastlibra"]["requests"] == res["workload"]["turns"]
+        budgets[dtype] = res["budget"]["device_bytes"]
+    assert budgets["bfloat16"] * 2 == budgets["float32"]
+
+
+def test_bench_fidelity_refuses_a_device_or_dtype_it_cannot_profile(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "fidelity", *TINY, "--dtype", "bfloat16"])
+    assert exit_.value.code == 2
+    assert "measures its `cpu` profile on the CPU in float32" in capsys.readouterr().err

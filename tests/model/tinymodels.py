@@ -8,6 +8,7 @@ libraries, and reference logits from transformers + peft on the same files.
 
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +23,10 @@ from fastlibra.model import KVCache, ModelRunner, load_adapter, load_model
 # Tiny matmuls gain nothing from intra-op threads, and on a shared 2-core box OpenMP
 # spin-waiting makes them ~10x slower (27 s instead of 3 s for tests/model).
 torch.set_num_threads(1)
+
+DEVICE = os.environ.get("FASTLIBRA_TEST_DEVICE", "cpu")
+"""Where the model runner and the engine of tests/model run: `FASTLIBRA_TEST_DEVICE=cuda`
+runs the correctness tests on a GPU (scripts/gpu_check.sh); references stay on the CPU."""
 
 BS = 4
 VOCAB = 128
@@ -117,11 +122,11 @@ class Reference:
 
 def runner(base: Path, adapters: dict[str, Path] | None = None, num_blocks: int = 64,
            max_rank: int = 64, dtype=torch.float32) -> ModelRunner:
-    weights = load_model(base, dtype=dtype, device="cpu")
-    r = ModelRunner(weights, KVCache(weights.config, num_blocks, BS, dtype, "cpu"))
+    weights = load_model(base, dtype=dtype, device=DEVICE)
+    r = ModelRunner(weights, KVCache(weights.config, num_blocks, BS, dtype, DEVICE))
     for name, path in (adapters or {}).items():
         r.add_adapter(load_adapter(path, weights.config, max_rank=max_rank, name=name,
-                                   dtype=dtype, device="cpu"))
+                                   dtype=dtype, device=DEVICE))
     return r
 
 
