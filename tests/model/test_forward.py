@@ -202,6 +202,17 @@ def test_bfloat16_close_to_transformers_bfloat16(llama):
     close(step, ref.detach(), atol=0.05)
 
 
+def test_bfloat16_adapters_match_the_float32_reference(llama):
+    """A bf16 model's LoRA products (widened to fp32 on CPU, `CPU_LORA_FP32`) land on the
+    transformers + peft logits within bf16 precision, and are not the base model's."""
+    base, adapters, ref = llama
+    t = tokens(12, 21)
+    r = runner(base, adapters, dtype=torch.bfloat16)
+    got = r.forward_all([SeqInput(t, 0, Blocks().table(12), "a")])[0]
+    close(got, ref.logits(t, "a"), atol=0.05)
+    assert (got.cpu() - ref.logits(t, None)).abs().max() > 0.1  # the adapter was applied
+
+
 def test_bad_step_inputs_are_rejected(llama):
     base, adapters, _ = llama
     r = runner(base, adapters, num_blocks=8)
