@@ -51,7 +51,7 @@ class ModelShape:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _require(self.vocab_size >= 0, "ModelShape.vocab_size must be >= 0")
-        vocab = self.head_params * (1 if self.tied_embeddings else 2)
+        vocab = self.vocab_params
         if self.num_params == 0:
             attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
             mlp = 3 * self.hidden_size * self.intermediate_size
@@ -68,10 +68,15 @@ class ModelShape:
         return self.vocab_size * self.hidden_size
 
     @property
+    def vocab_params(self) -> int:
+        """The embedding and the output projection (one matrix when tied)."""
+        return self.head_params * (1 if self.tied_embeddings else 2)
+
+    @property
     def body_params(self) -> int:
         """What every token multiplies through: all parameters but the embedding (a row
         gather, no FLOPs) and the output projection."""
-        return self.num_params - self.head_params * (1 if self.tied_embeddings else 2)
+        return self.num_params - self.vocab_params
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -222,11 +222,11 @@ class ModelRunner:
         runs one per adapter, layer, module and part)."""
         self.inv_freq = self.cfg.rope.inv_freq(self.cfg.head_dim).to(weights.device)
         self._packed: dict[tuple[int, str] | str, torch.Tensor] = {}
-        if weights.device.type == "cpu":
+        cpu = weights.device.type == "cpu"
+        if cpu:
             _lm_head_column_major(weights)
             if PACK_CPU_LINEARS and _can_pack(weights.dtype):
                 self._packed = _pack_linears(weights)
-        cpu = weights.device.type == "cpu"
         self._attn_dtype = torch.float32 if CPU_ATTENTION_FP32 and cpu else weights.dtype
         self._lora_dtype = torch.float32 if CPU_LORA_FP32 and cpu else weights.dtype
 
@@ -393,19 +393,16 @@ class ModelRunner:
         packed = self._packed.get((layer, module))
         y = F.linear(x, getattr(lw, module), lw.biases.get(module)) if packed is None \
             else _packed_linear(x, packed, lw.biases.get(module))
-        wide = self._lora_dtype != x.dtype  # see CPU_LORA_FP32
+        d = self._lora_dtype  # see CPU_LORA_FP32
         for start, end, ad in step.segments:
             parts = self._lora[ad.name].get((layer, module))
             if parts:
-                xs, ys = x[start:end], y[start:end]  # views: ys += scaling * xs A^T B^T
-                if wide:
-                    xs = xs.to(self._lora_dtype)
+                xs, ys = x[start:end].to(d), y[start:end]  # ys += scaling * xs A^T B^T
                 for a_t, bt in parts:
-                    if wide:
-                        ys.add_(torch.mm(torch.mm(xs, a_t.float()), bt.float()),
-                                alpha=ad.scaling)
-                    else:
+                    if d is x.dtype:
                         ys.addmm_(torch.mm(xs, a_t), bt, alpha=ad.scaling)
+                    else:  # widened: the product is added to the narrower rows in place
+                        ys.add_(torch.mm(torch.mm(xs, a_t.to(d)), bt.to(d)), alpha=ad.scaling)
         return y
 
     def _context(self, layer: int, k: torch.Tensor, v: torch.Tensor,
