@@ -40,6 +40,12 @@ GAP_WEIGHT = 1 / 256
 which are averaged plainly so that the prior is forgotten at once)."""
 REKEY_RATIO = 1.5
 """H is re-set (and every key rebuilt) once the mean gap strays this far from it."""
+LEAF_WEIGHT = 1 / 256
+"""Weight of one outcome in the running reuse fraction of speculative leaves (after the
+first 256, averaged plainly like the gaps)."""
+LEAF_CHANCE = 4.0
+"""Half-lives a new leaf is given to be reused before its drop counts against the floor
+(its own evidence has decayed to 1/16 by then)."""
 MIN_HALF_LIFE_S = 1.0
 """Floor of H: a prefix shared by many short requests is revisited every few steps, and
 an H that short would forget within a second how popular a node is."""
@@ -60,6 +66,10 @@ class CostModel:
         """Called after H changed: every ranking key that reads `rate` is stale."""
         self.half_life = cfg.decay_half_life_s
         self.rate = math.log(2) / self.half_life
+        self.leaf_reuse = 1.0
+        """Fraction of speculative leaves reused rather than dropped after their chance:
+        the floor of a new leaf's count. Starts at one visit, as if every leaf were reused."""
+        self.leaves_seen = 0
 
     def set_half_life(self, half_life: float) -> None:
         """Rank by a new H from now on (keys are rebuilt); the next revisits may move it."""
@@ -74,8 +84,27 @@ class CostModel:
         gap = max(0.0, now - node.t_last)
         node.freq = node.freq * math.exp(-self.rate * gap) + 1.0
         node.t_last = now
-        if isinstance(node, KVNode) and gap > 0:
-            self._observe_gap(gap)
+        if isinstance(node, KVNode):
+            if node.speculative:
+                self._observe_leaf(node, reused=True)
+            if gap > 0:
+                self._observe_gap(gap)
+
+    def forget(self, node: KVNode, now: float) -> None:
+        """`node` leaves the last tier at `now` without having been reused. Only a leaf
+        that had its chance counts as unused: one dropped younger than `LEAF_CHANCE`
+        half-lives was pushed out by us, not passed over by the workload, and counting it
+        would feed back (a lower floor drops new leaves sooner, which lowers it again)."""
+        if node.speculative:
+            if now - node.t_last >= LEAF_CHANCE * self.half_life:
+                self._observe_leaf(node, reused=False)
+            node.speculative = False
+
+    def _observe_leaf(self, node: KVNode, reused: bool) -> None:
+        node.speculative = False
+        self.leaves_seen += 1
+        w = max(LEAF_WEIGHT, 1 / self.leaves_seen)
+        self.leaf_reuse += w * (float(reused) - self.leaf_reuse)
 
     def _observe_gap(self, gap: float) -> None:
         """A KV node was reused `gap` seconds after its last use (or its creation). Two
@@ -93,11 +122,19 @@ class CostModel:
         over its children is the best guess of the leaf's. With a count of one, the newest
         turn of a conversation (the node the next turn needs) would rank below every
         older, more visited node: the classic LFU failure on multi-turn chat.
+
+        Under a parent with many children (a shared instruction prefix, a system prompt)
+        the share is small, and the leaf starts at a floor instead: the fraction of such
+        leaves that were reused before being dropped, learned from this run. Chat turns
+        and agent steps are mostly reused (floor near one visit); a translation request's
+        own suffix almost never is, and a floor of one would let it push a cold adapter
+        out of a small host.
         """
         parent = node.parent
         assert parent is not None
         share = self.reuse_rate(parent, now) / max(1, len(parent.children))
-        node.freq = max(1.0, share)
+        node.speculative = share < 1.0  # learn from every such leaf, whatever the floor
+        node.freq = max(self.leaf_reuse, share)
         node.t_last = now
 
     def reuse_rate(self, node: Node, now: float) -> float:

@@ -439,18 +439,20 @@ class CacheManager:
         self._touch_around(node)
         return node.ready_at
 
-    def drop(self, node: Node) -> None:
+    def drop(self, node: Node, now: float | None = None) -> None:
         """Remove `node` from every pool. KV loses its subtree; an adapter goes back to its
-        file (with the dependency rule its KV goes too; without it, that KV stays: invalid)."""
+        file (with the dependency rule its KV goes too; without it, that KV stays: invalid).
+        `now` is when the swapper chose to drop it; without a time the drop teaches the
+        cost model nothing about reuse."""
         assert not node.pinned
         self.stats.drops += 1
         if isinstance(node, KVNode):
-            self._drop_kv(node)
+            self._drop_kv(node, now)
             return
         assert isinstance(node, AdapterNode)
         if self.policy.dependency_aware:
             for child in list(node.children.values()):
-                self._drop_kv(child)
+                self._drop_kv(child, now)
         self._release(node)
 
     def _release(self, adapter: AdapterNode) -> None:
@@ -460,13 +462,18 @@ class CacheManager:
             T.set_tier(adapter, Tier.DISK)
             self._touch_around(adapter)
 
-    def _drop_kv(self, node: KVNode) -> None:
+    def _drop_kv(self, node: KVNode, now: float | None = None) -> None:
+        """Drop `node` and its subtree; at a time `now`, the cost model learns which of its
+        new leaves were never reused (a cleared cache or a retired adapter teaches nothing
+        about the workload)."""
         for n in reversed([node, *T.subtree(node)]):  # children before parents
             assert not n.pinned
             self.pool_for(n, n.tier).free(n.blocks)
             if n.tier is Tier.DEVICE:
                 n.adapter.device_kv_blocks -= n.num_blocks
             n.blocks = []
+            if now is not None:
+                self.cost.forget(n, now)
             T.detach(n, self.bs)
             self.num_nodes -= 1
             n.heap_version = -1

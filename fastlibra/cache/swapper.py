@@ -172,13 +172,14 @@ class Swapper:
                 # nodes hang below it: dropping it would lose that whole subtree.
                 limit = None if node.children_in(Tier.HOST) else \
                     self.policy.rank(m.cost, node, Tier.HOST)
-                self._clear_host_room(host, node.num_blocks - host.num_free, limit)
+                self._clear_host_room(host, node.num_blocks - host.num_free, limit, now)
             if host.num_free >= node.num_blocks:
                 m.move(node, Tier.HOST, now)
                 return
-        m.drop(node)
+        m.drop(node, now)
 
-    def _clear_host_room(self, host: BlockPool, nblocks: int, limit: tuple | None) -> None:
+    def _clear_host_room(self, host: BlockPool, nblocks: int, limit: tuple | None,
+                         now: float) -> None:
         """Drop host leaves ranked below `limit` for `nblocks`, or none if they are too few:
         host nodes are never lost for a victim that cannot get in anyway."""
         chosen: list[Node] = []
@@ -194,7 +195,7 @@ class Swapper:
                 self.touch(victim)
             return
         for victim in chosen:
-            self.m.drop(victim)
+            self.m.drop(victim, now)
 
     # -- between steps ------------------------------------------------------------------
     def tick(self, now: float) -> None:

@@ -92,6 +92,9 @@ class KVNode(Node):
     adapter: AdapterNode | None = None
     tokens: tuple[int, ...] = ()
     prefix_len: int = 0
+    speculative: bool = False
+    """A new leaf whose starting count rests on the learned floor, not on its parent's
+    share; the cost model learns from whether it is ever reused (see `CostModel.inherit`)."""
 
     @property
     def end(self) -> int:
@@ -159,7 +162,9 @@ def split(node: KVNode, keep_blocks: int, block_size: int) -> KVNode:
     upper = KVNode(parent=parent, num_blocks=keep_blocks, tier=node.tier,
                    blocks=node.blocks[:keep_blocks], ref_count=node.ref_count,
                    freq=node.freq, t_last=node.t_last, demand=node.demand,
-                   adapter=node.adapter, tokens=node.tokens[:cut], prefix_len=node.prefix_len)
+                   adapter=node.adapter, tokens=node.tokens[:cut], prefix_len=node.prefix_len,
+                   speculative=node.speculative)
+    node.speculative = False  # one leaf, one outcome: the upper part carries it
     parent.children[upper.tokens[:block_size]] = upper
     upper.children[node.tokens[cut:cut + block_size]] = node
     upper.resident_children[node.tier.value] += 1

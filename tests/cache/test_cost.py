@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastlibra.cache import Tier
-from fastlibra.cache.cost import MIN_HALF_LIFE_S, REKEY_RATIO, CostModel, lru_key
+from fastlibra.cache.cost import LEAF_CHANCE, MIN_HALF_LIFE_S, REKEY_RATIO, CostModel, lru_key
 from fastlibra.cache.tree import AdapterNode, KVNode
 from fastlibra.config import HardwareProfile
 
@@ -157,7 +157,64 @@ def test_a_new_leaf_inherits_its_share_of_the_parents_visits():
     assert (leaf.freq, leaf.t_last) == (3.0, 5.0)
     a.freq = 1.0
     cost.inherit(leaf, now=5.0)
-    assert leaf.freq == 1.0  # never less than the visit that created it
+    assert leaf.freq == 1.0  # until the run shows otherwise, a floor of one visit
+
+
+def test_the_floor_of_a_new_leaf_is_the_learned_fraction_of_such_leaves_reused():
+    cost = CostModel(make_cfg(), host_keeps_kv=True)
+    a = AdapterNode(parent=None, name="a", freq=1.0, t_last=0.0)
+    leaves = [_kv(a, 4) for _ in range(4)]
+    a.children = {(i,): leaf for i, leaf in enumerate(leaves)}
+    for leaf in leaves:
+        cost.inherit(leaf, now=0.0)  # share 1/4 < 1: each rests on the floor
+        assert leaf.speculative and leaf.freq == 1.0
+    cost.visit(leaves[0], now=1.0)  # one is reused ...
+    cost.visit(leaves[0], now=2.0)  # ... (its outcome counts once)
+    young = _kv(a, 4)
+    a.children[(8,)] = young
+    cost.inherit(young, now=0.0)
+    cost.forget(young, now=LEAF_CHANCE * cost.half_life - 1)  # pushed out young: no verdict
+    for leaf in leaves[1:]:
+        cost.forget(leaf, now=LEAF_CHANCE * cost.half_life)  # three had their chance, unused
+    assert cost.leaf_reuse == pytest.approx(0.25) and cost.leaves_seen == 4
+    new = _kv(a, 4)
+    a.children[(9,)] = new
+    cost.inherit(new, now=0.0)
+    assert new.freq == pytest.approx(0.25)  # max(floor, share 1/6)
+    a.freq = 12.0
+    cost.inherit(new, now=0.0)
+    assert new.freq == pytest.approx(2.0) and not new.speculative  # a share of 2 is evidence
+
+
+def test_suffixes_never_reused_lower_the_floor_and_chat_turns_keep_it():
+    # Translation: one shared instruction prefix, each request its own suffix; the
+    # suffixes are pushed out and dropped without a second visit.
+    m = make_manager("fastlibra", device_blocks=16, host_blocks=8, adapters={"a": 2})
+    for i in range(40):
+        run(m, f"t{i}", "a", blocks(1, 2, 100 + i) + (7,), now=float(i))
+    assert m.cost.leaves_seen >= 10 and m.cost.leaf_reuse < 0.1
+    seen = m.cost.leaves_seen
+    assert any(getattr(n, "speculative", False) for n in m.nodes())  # some still undecided
+    m.clear()  # emptying the cache is not evidence that the leaves were useless
+    assert m.cost.leaves_seen == seen
+    # Chat: four conversations under one adapter; each turn extends the last one's KV.
+    m = make_manager("fastlibra", device_blocks=16, host_blocks=8, adapters={"a": 2})
+    convs = {c: blocks(200 + 10 * c) for c in range(4)}
+    for turn in range(6):
+        for c in convs:
+            run(m, f"c{c}-{turn}", "a", convs[c] + (7,), now=4.0 * turn + c)
+            convs[c] += blocks(300 + 10 * c + turn)
+    assert m.cost.leaves_seen >= 3 and m.cost.leaf_reuse == 1.0
+
+
+def test_a_split_leaf_reports_one_outcome():
+    m = make_manager("fastlibra", device_blocks=16, adapters={"a": 2})
+    run(m, "r0", "a", blocks(1, 2) + (7,), now=0.0)  # share 1/1: no floor, nothing to learn
+    run(m, "r1", "a", blocks(5, 6) + (7,), now=5.0)  # share (decayed 2) / 2 < 1: on the floor
+    run(m, "r2", "a", blocks(5, 8) + (7,), now=10.0)  # reuses [5] of it: a split, one outcome
+    assert m.cost.leaves_seen == 1 and m.cost.leaf_reuse == 1.0
+    m.drop(m.adapter("a"), now=100.0)  # [6] split off, no second outcome; [8] never reused
+    assert m.cost.leaves_seen == 2 and m.cost.leaf_reuse == pytest.approx(0.5)
 
 
 def test_miss_penalties_in_seconds():
