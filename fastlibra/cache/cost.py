@@ -6,7 +6,8 @@ reuse_rate is a visit count decayed with half-life H (recency and frequency in o
 nodes that requests already waiting in the queue will need rank above all others. H follows
 the workload: it is the running mean of the gaps between consecutive visits of a KV node
 (agent steps come seconds apart, chat turns tens of seconds), so a node unvisited for one
-typical reuse gap has lost half its evidence. A fixed H ranks by the wrong time scale on
+typical reuse gap has lost half its evidence. A node dropped in between counts too (its
+position is remembered as a ghost), or H would only see the gaps short enough to survive. A fixed H ranks by the wrong time scale on
 one workload or another: with 15 s, a finished agent burst (five visits, 14 s ago)
 outranks a live burst that started a second ago, which LRU keeps.
 miss_penalty is what the next visit pays if `n` is not where it is now:
@@ -29,6 +30,7 @@ after the first few hundred revisits, so that happens a handful of times per run
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 
 from fastlibra.cache.pool import Tier
@@ -46,6 +48,8 @@ first 256, averaged plainly like the gaps)."""
 LEAF_CHANCE = 4.0
 """Half-lives a new leaf is given to be reused before its drop counts against the floor
 (its own evidence has decayed to 1/16 by then)."""
+MAX_GHOSTS = 65536
+"""Dropped KV nodes remembered (by position only, no blocks) to time their re-reference."""
 MIN_HALF_LIFE_S = 1.0
 """Floor of H: a prefix shared by many short requests is revisited every few steps, and
 an H that short would forget within a second how popular a node is."""
@@ -70,6 +74,8 @@ class CostModel:
         """Fraction of speculative leaves reused rather than dropped after their chance:
         the floor of a new leaf's count. Starts at one visit, as if every leaf were reused."""
         self.leaves_seen = 0
+        self._ghosts: OrderedDict[tuple[int, tuple[int, ...]], float] = OrderedDict()
+        """(parent id, first block) of dropped KV nodes -> their last use."""
 
     def set_half_life(self, half_life: float) -> None:
         """Rank by a new H from now on (keys are rebuilt); the next revisits may move it."""
@@ -99,6 +105,23 @@ class CostModel:
             if now - node.t_last >= LEAF_CHANCE * self.half_life:
                 self._observe_leaf(node, reused=False)
             node.speculative = False
+
+    def bury(self, node: KVNode) -> None:
+        """`node` (and its subtree) was dropped: remember where it hung and when it was last
+        used, so that a request that would have reused it still reports its gap. Without
+        ghosts only nodes that survived are timed, and a short H evicts every node with a
+        longer gap before its gap can be seen: H would learn its own bias."""
+        assert node.parent is not None
+        self._ghosts[(node.parent.id, node.tokens[:self.cfg.block_size])] = node.t_last
+        if len(self._ghosts) > MAX_GHOSTS:
+            self._ghosts.popitem(last=False)
+
+    def recall(self, parent: Node, block: tuple[int, ...], now: float) -> None:
+        """A request's cached prefix ends at `parent` and continues with `block`: if a
+        dropped node started there, its re-reference gap is observed now."""
+        t_last = self._ghosts.pop((parent.id, block), None)
+        if t_last is not None and now > t_last:
+            self._observe_gap(now - t_last)
 
     def _observe_leaf(self, node: KVNode, reused: bool) -> None:
         node.speculative = False

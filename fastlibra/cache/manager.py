@@ -259,6 +259,11 @@ class CacheManager:
             chain = m.nodes
             if m.partial is not None:
                 chain.append(self.split(m.partial, m.partial_blocks))
+            else:  # the walk stopped at a node boundary: was a dropped node next?
+                last: Node = chain[-1] if chain else node
+                pos = last.end
+                if pos // self.bs < (len(tokens) - 1) // self.bs:
+                    self.cost.recall(last, tokens[pos:pos + self.bs], now)
         from_host = [n for n in chain if n.tier is Tier.HOST]
         if from_host and not self._swap_in_pays(from_host, now):
             chain = chain[:chain.index(from_host[0])]
@@ -466,6 +471,8 @@ class CacheManager:
         """Drop `node` and its subtree; at a time `now`, the cost model learns which of its
         new leaves were never reused (a cleared cache or a retired adapter teaches nothing
         about the workload)."""
+        if now is not None:
+            self.cost.bury(node)
         for n in reversed([node, *T.subtree(node)]):  # children before parents
             assert not n.pinned
             self.pool_for(n, n.tier).free(n.blocks)

@@ -335,6 +335,22 @@ def test_half_life_follows_the_mean_gap_between_visits_of_a_kv_node():
     assert cost.mean_gap < 0.2 and MIN_HALF_LIFE_S <= cost.half_life <= REKEY_RATIO * MIN_HALF_LIFE_S
 
 
+def test_a_dropped_node_asked_for_again_still_reports_its_gap():
+    # X is used at t=0 and dropped (no host) for Y, Z; at t=30 a request wants X again. Only
+    # surviving nodes were timed before ghosts, so a short H evicted long-gap nodes before
+    # their gaps were seen. The 30 s gap now counts; a prefix never cached (W) reports none.
+    m = make_manager("fastlibra", device_blocks=8, host_blocks=0, adapters={"a": 2})
+    run(m, "x", "a", X + (9,), now=0.0)
+    run(m, "y", "a", Y + (9,), now=1.0)
+    assert m.cost.gaps_seen == 0
+    run(m, "z", "a", blocks(5, 6) + (9,), now=2.0)  # X (the least valued) is dropped
+    assert tree(m, "a") == ["[3][4] DEVICE [4, 5]", "[5][6] DEVICE [2, 3]"]
+    run(m, "w", "a", blocks(7) + (9,), now=3.0)  # never cached before: no gap
+    assert m.cost.gaps_seen == 0
+    run(m, "x2", "a", X + (9,), now=30.0)
+    assert m.cost.gaps_seen == 1 and m.cost.mean_gap == pytest.approx(30.0)
+
+
 def test_a_finished_burst_leaves_before_the_live_one_with_the_learned_half_life():
     # Agent-like: X was reused every 2 s until t=6 (a burst that ended), Y began at t=19.
     # Learned H = 2 s: X's four visits are worth ~2 / 2**7 at t=20, Y's one ~0.7: X leaves,
