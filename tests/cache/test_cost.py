@@ -351,6 +351,27 @@ def test_a_dropped_node_asked_for_again_still_reports_its_gap():
     assert m.cost.gaps_seen == 1 and m.cost.mean_gap == pytest.approx(30.0)
 
 
+def test_disk_reads_that_wait_in_a_queue_make_a_hosted_adapter_worth_more():
+    # Reads from disk share one queue: under pressure a miss waits for several reads. The
+    # cost model learns the ratio from the loads it sees and charges it to adapters.
+    from conftest import RecordingMover
+    m = make_manager("fastlibra", device_blocks=16, adapters={"a": 2, "b": 2})
+    a = m.adapter("a")
+    bare = m.cfg.hardware.disk_load_time(a.nbytes)
+    before = m.cost.miss_penalty(a, Tier.HOST)
+    assert before == pytest.approx(bare - m.cost.transfer_time(a))
+    rekeys = []
+    m.cost.on_rekey = lambda: rekeys.append(m.cost.disk_scale)
+    m.mover = RecordingMover(delay=4 * bare)  # each read waits behind three others
+    run(m, "r", "a", blocks(1) + (7,), now=0.0)
+    assert m.cost.loads_seen == 1 and m.cost.disk_wait == pytest.approx(4.0)
+    assert rekeys == [pytest.approx(4.0)]  # keys read the penalty: rebuilt once
+    assert m.cost.miss_penalty(a, Tier.HOST) == pytest.approx(4 * bare - m.cost.transfer_time(a))
+    m.mover = RecordingMover(delay=0.5 * bare)  # a quiet queue: the mean falls back
+    run(m, "s", "b", blocks(2) + (7,), now=1.0)
+    assert m.cost.disk_wait == pytest.approx(2.25) and m.cost.disk_scale == pytest.approx(2.25)
+
+
 def test_a_finished_burst_leaves_before_the_live_one_with_the_learned_half_life():
     # Agent-like: X was reused every 2 s until t=6 (a burst that ended), Y began at t=19.
     # Learned H = 2 s: X's four visits are worth ~2 / 2**7 at t=20, Y's one ~0.7: X leaves,
