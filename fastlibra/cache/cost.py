@@ -7,8 +7,8 @@ nodes that requests already waiting in the queue will need rank above all others
 the workload: it is the running mean of the gaps between consecutive visits of a KV node
 (agent steps come seconds apart, chat turns tens of seconds), so a node unvisited for one
 typical reuse gap has lost half its evidence. A node dropped in between counts too (its
-position is remembered as a ghost), or H would only see the gaps short enough to survive. A fixed H ranks by the wrong time scale on
-one workload or another: with 15 s, a finished agent burst (five visits, 14 s ago)
+position is remembered as a ghost), or H would only see the gaps short enough to survive.
+A fixed H ranks by the wrong time scale on one workload or another: with 15 s, a finished agent burst (five visits, 14 s ago)
 outranks a live burst that started a second ago, which LRU keeps.
 miss_penalty is what the next visit pays if `n` is not where it is now:
 
@@ -41,14 +41,13 @@ from fastlibra.cache.pool import Tier
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
 from fastlibra.config import CacheConfig
 
-GAP_WEIGHT = 1 / 256
-"""Weight of one revisit in the running mean of KV re-reference gaps (after the first 256,
-which are averaged plainly so that the prior is forgotten at once)."""
+MEAN_WEIGHT = 1 / 256
+"""Weight of one observation in each running mean the model learns (KV re-reference gaps,
+speculative leaves' outcomes, disk waits) after the first 256, which are averaged plainly
+so that the prior is forgotten at once."""
 REKEY_RATIO = 1.5
-"""H is re-set (and every key rebuilt) once the mean gap strays this far from it."""
-LEAF_WEIGHT = 1 / 256
-"""Weight of one outcome in the running reuse fraction of speculative leaves (after the
-first 256, averaged plainly like the gaps)."""
+"""A learned quantity that keys read (H, the disk wait) is re-set, and every key rebuilt,
+once its running mean strays this far from the value in use."""
 LEAF_CHANCE = 4.0
 """Half-lives a new leaf is given to be reused before its drop counts against the floor
 (its own evidence has decayed to 1/16 by then)."""
@@ -57,6 +56,15 @@ MAX_GHOSTS = 65536
 MIN_HALF_LIFE_S = 1.0
 """Floor of H: a prefix shared by many short requests is revisited every few steps, and
 an H that short would forget within a second how popular a node is."""
+
+
+def _running_mean(mean: float, x: float, seen: int) -> float:
+    """`mean` after its `seen`-th observation `x` (see MEAN_WEIGHT)."""
+    return mean + max(MEAN_WEIGHT, 1 / seen) * (x - mean)
+
+
+def _strayed(target: float, in_use: float) -> bool:
+    return not 1 / REKEY_RATIO <= target / in_use <= REKEY_RATIO
 
 
 class CostModel:
@@ -111,10 +119,8 @@ class CostModel:
         that had its chance counts as unused: one dropped younger than `LEAF_CHANCE`
         half-lives was pushed out by us, not passed over by the workload, and counting it
         would feed back (a lower floor drops new leaves sooner, which lowers it again)."""
-        if node.speculative:
-            if now - node.t_last >= LEAF_CHANCE * self.half_life:
-                self._observe_leaf(node, reused=False)
-            node.speculative = False
+        if node.speculative and now - node.t_last >= LEAF_CHANCE * self.half_life:
+            self._observe_leaf(node, reused=False)
 
     def bury(self, node: KVNode) -> None:
         """`node` (and its subtree) was dropped: remember where it hung and when it was last
@@ -136,16 +142,15 @@ class CostModel:
     def _observe_leaf(self, node: KVNode, reused: bool) -> None:
         node.speculative = False
         self.leaves_seen += 1
-        w = max(LEAF_WEIGHT, 1 / self.leaves_seen)
-        self.leaf_reuse += w * (float(reused) - self.leaf_reuse)
+        self.leaf_reuse = _running_mean(self.leaf_reuse, float(reused), self.leaves_seen)
 
     def _observe_gap(self, gap: float) -> None:
         """A KV node was reused `gap` seconds after its last use (or its creation). Two
         visits at one instant (requests admitted together) needed no keeping: not a gap."""
         self.gaps_seen += 1
-        self.mean_gap += max(GAP_WEIGHT, 1 / self.gaps_seen) * (gap - self.mean_gap)
+        self.mean_gap = _running_mean(self.mean_gap, gap, self.gaps_seen)
         target = max(MIN_HALF_LIFE_S, self.mean_gap)
-        if not 1 / REKEY_RATIO <= target / self.half_life <= REKEY_RATIO:
+        if _strayed(target, self.half_life):
             self.set_half_life(target)
 
     def inherit(self, node: Node, now: float) -> None:
@@ -188,9 +193,9 @@ class CostModel:
         """A read of `node` from disk was queued and is done `wait` seconds from now."""
         self.loads_seen += 1
         ratio = wait / self.hw.disk_load_time(node.nbytes)
-        self.disk_wait += max(GAP_WEIGHT, 1 / self.loads_seen) * (ratio - self.disk_wait)
+        self.disk_wait = _running_mean(self.disk_wait, ratio, self.loads_seen)
         target = max(1.0, self.disk_wait)
-        if not 1 / REKEY_RATIO <= target / self.disk_scale <= REKEY_RATIO:
+        if _strayed(target, self.disk_scale):
             self.disk_scale = target
             if self.on_rekey is not None:
                 self.on_rekey()
