@@ -487,7 +487,7 @@ def run_policy(policy: str, sizes: BenchSizes, steps: int, seed: int,
                    "nodes": warm_nodes, "tree": shape, "cached_kv": warm_kv, "adapters": at},
         "gc": gcm.summary(slow),
         "heap_entries": {"evict": sum(len(h) for h in cm.swapper._evict.values()),
-                         "prefetch": len(cm.swapper._prefetch)},
+                         "prefetch": sum(len(h) for h in cm.swapper._prefetch.values())},
     }
 
 

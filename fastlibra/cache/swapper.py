@@ -3,8 +3,10 @@
 Eviction candidates of a pool are its *leaves* (no resident children in that tier, or for
 a policy without the dependency rule, any adapter), never pinned. Prefetch candidates are
 host nodes whose parent is already on device. Both are kept in heaps ordered by the
-policy's time-invariant key (see `cost.py`), with lazy deletion: any change to a node
-bumps its version and pushes a fresh entry; stale entries are skipped when popped.
+policy's key, one heap per kind of node (adapters and KV decay at different rates, so a
+key is time-invariant only within its kind; see `cost.py`), with lazy deletion: any
+change to a node bumps its version and pushes a fresh entry; stale entries are skipped
+when popped. A choice takes the better of the two kinds' tops, compared at the time.
 
 Every byte that moves is described by a `Move` and handed to a `Mover`: the simulator
 charges copy time for it, the model runner copies real blocks, the demo counts bytes.
@@ -82,8 +84,11 @@ class Swapper:
     def __init__(self, manager: CacheManager) -> None:
         self.m = manager
         self.policy = manager.policy
-        self._evict: dict[int, list] = {id(p): [] for p in manager.pools}
-        self._prefetch: list = []
+        self._evict: dict[tuple[int, bool], list] = {
+            (id(p), kind): [] for p in manager.pools for kind in (False, True)}
+        """(pool id, is adapter) -> heap of (key, seq, version, node)."""
+        self._prefetch: dict[bool, list] = {False: [], True: []}
+        """is adapter -> heap of (negated device key, seq, version, node)."""
         self._seq = itertools.count()
         self._compacted: dict[int, int] = {}
         self._versions = itertools.count(1)
@@ -97,20 +102,20 @@ class Swapper:
             return
         node.heap_version = v = next(self._versions)
         key = self.policy.rank(self.m.cost, node, node.tier)
-        heap = self._evict[id(self.m.pool_for(node, node.tier))]
+        kind = isinstance(node, AdapterNode)
+        heap = self._evict[(id(self.m.pool_for(node, node.tier)), kind)]
         parent = node.parent
         if (node.tier is Tier.HOST and self.policy.swapper and parent is not None
                 and parent.tier is Tier.DEVICE):
             dkey = self.policy.rank(self.m.cost, node, Tier.DEVICE)
             neg = (-dkey[0], -dkey[1])
-            self._push(self._prefetch, (neg, next(self._seq), v, node))
+            self._push(self._prefetch[kind], (neg, next(self._seq), v, node))
         self._push(heap, (key, next(self._seq), v, node))
 
     def rekey(self) -> None:
         """The decay rate changed, so every key is stale: rebuild the heaps from the tree."""
-        for heap in self._evict.values():
+        for heap in [*self._evict.values(), *self._prefetch.values()]:
             heap.clear()
-        self._prefetch.clear()
         self._compacted.clear()
         for node in self.m.nodes():
             self.touch(node)
@@ -132,27 +137,56 @@ class Swapper:
         below = node.resident_children
         return below[0] == 0 and (pool.tier is Tier.DEVICE or below[1] == 0)
 
-    def _peek_victim(self, pool: BlockPool) -> tuple | None:
-        """Key of the next victim of `pool`, dropping stale entries on the way."""
-        heap = self._evict[id(pool)]
-        while heap:
-            key, _, version, node = heap[0]
-            if version == node.heap_version and self.is_evictable(node, pool):
-                return key
-            heapq.heappop(heap)
-        return None
+    def _at(self, node: Node, key: tuple, now: float) -> tuple:
+        """`key` comparable across kinds at `now` (LRU keys already are)."""
+        return self.m.cost.at(node, key, now) if self.policy.ranks_by_decay else key
 
-    def _pop_victim(self, pool: BlockPool, below: tuple | None = None) -> Node | None:
-        key = self._peek_victim(pool)
-        if key is None or (below is not None and key >= below):
+    def _next_victim(self, pool: BlockPool, now: float) -> tuple[tuple, list] | None:
+        """(key at `now`, heap) of the next victim of `pool`, dropping stale entries."""
+        best = None
+        for kind in (False, True):
+            heap = self._evict[(id(pool), kind)]
+            while heap:
+                key, _, version, node = heap[0]
+                if version == node.heap_version and self.is_evictable(node, pool):
+                    key = self._at(node, key, now)
+                    if best is None or key < best[0]:
+                        best = (key, heap)
+                    break
+                heapq.heappop(heap)
+        return best
+
+    def _peek_victim(self, pool: BlockPool, now: float) -> tuple | None:
+        best = self._next_victim(pool, now)
+        return None if best is None else best[0]
+
+    def _pop_victim(self, pool: BlockPool, now: float, below: tuple | None = None) -> Node | None:
+        best = self._next_victim(pool, now)
+        if best is None or (below is not None and best[0] >= below):
             return None
-        return heapq.heappop(self._evict[id(pool)])[3]
+        return heapq.heappop(best[1])[3]
+
+    def _next_prefetch(self, now: float) -> tuple[tuple, list] | None:
+        """(device key at `now`, heap) of the most valuable prefetch candidate."""
+        best = None
+        for heap in self._prefetch.values():
+            while heap:
+                neg_key, _, version, node = heap[0]
+                parent = node.parent
+                if (version == node.heap_version and node.tier is Tier.HOST
+                        and parent is not None and parent.tier is Tier.DEVICE):
+                    key = self._at(node, (-neg_key[0], -neg_key[1]), now)
+                    if best is None or key > best[0]:
+                        best = (key, heap)
+                    break
+                heapq.heappop(heap)  # stale; re-pushed by `touch` when its parent arrives
+        return best
 
     # -- freeing room -------------------------------------------------------------------
     def make_room(self, pool: BlockPool, nblocks: int, now: float) -> bool:
         """Evict from `pool` until `nblocks` are free. False if unpinned nodes ran out."""
         while pool.num_free < nblocks:
-            victim = self._pop_victim(pool)
+            victim = self._pop_victim(pool, now)
             if victim is None:
                 return False
             short = nblocks - pool.num_free
@@ -171,7 +205,7 @@ class Swapper:
                 # Only host nodes worth less than this one make way for it, unless host
                 # nodes hang below it: dropping it would lose that whole subtree.
                 limit = None if node.children_in(Tier.HOST) else \
-                    self.policy.rank(m.cost, node, Tier.HOST)
+                    self._at(node, self.policy.rank(m.cost, node, Tier.HOST), now)
                 self._clear_host_room(host, node.num_blocks - host.num_free, limit, now)
             if host.num_free >= node.num_blocks:
                 m.move(node, Tier.HOST, now)
@@ -185,7 +219,7 @@ class Swapper:
         chosen: list[Node] = []
         found = 0
         while found < nblocks:
-            victim = self._pop_victim(host, below=limit)
+            victim = self._pop_victim(host, now, below=limit)
             if victim is None:
                 break
             chosen.append(victim)
@@ -208,19 +242,17 @@ class Swapper:
             if pool.num_used > high:
                 self.make_room(pool, pool.capacity - high, now)
         budget = cfg.max_prefetch_blocks
-        heap = self._prefetch
-        while heap and budget > 0:
-            neg_key, _, version, node = heap[0]
-            parent = node.parent
-            if (version != node.heap_version or node.tier is not Tier.HOST
-                    or parent is None or parent.tier is not Tier.DEVICE):
-                heapq.heappop(heap)  # stale; re-pushed by `touch` when its parent arrives
-                continue
+        while budget > 0:
+            best = self._next_prefetch(now)
+            if best is None:
+                break
+            key, heap = best
+            node = heap[0][3]
             pool = self.m.pool_for(node, Tier.DEVICE)
             if pool.num_used + node.num_blocks > int(cfg.low_watermark * pool.capacity):
                 break  # the most valuable candidate does not fit: leave the rest too
-            floor = self._peek_victim(pool)
-            if floor is not None and (-neg_key[0], -neg_key[1]) <= floor:
+            floor = self._peek_victim(pool, now)
+            if floor is not None and key <= floor:
                 break  # it would be the next thing evicted: moving it is churn, not gain
             if node.num_blocks > budget:
                 break

@@ -189,10 +189,10 @@ def test_a_victim_worth_less_than_the_host_nodes_is_dropped(recorder):
 
 
 def test_a_victim_worth_more_than_a_host_node_takes_its_place(recorder):
-    m = _full_host(recorder, z_visits=2)
+    m = _full_host(recorder, z_visits=4)
     m.allocate("q", None, blocks(7, 8) + (1,), now=4.0)
     m.check_invariants()
-    # Z (two visits) is still the coldest on device but beats Y: Y is dropped, Z hosted
+    # Z (four visits) is still the coldest on device but beats Y: Y is dropped, Z hosted
     assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[5][6] HOST [0, 1]"]
     assert recorder.take() == [("swap_out", "KV(a[0:8], HOST, ref=0)", [4, 5], [0, 1], 128)]
     assert m.stats.drops == 1
