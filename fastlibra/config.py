@@ -196,8 +196,9 @@ class CacheConfig:
     swapper: SwapperConfig = field(default_factory=SwapperConfig)
     decay_half_life_s: float = 15.0
     """Starting half-life of a node's visit frequency (recency and frequency in one
-    number); the cost model then sets it to the measured mean gap between reuses of a KV
-    node (`cost.py`), since short lives suit bursts (agent) and long ones chat turns."""
+    number), for KV and for adapters alike; the cost model then learns each from its kind's
+    reuse gaps (`cost.py`), since short lives suit bursts (agent) and long ones chat turns
+    and the tail of adapter popularity."""
     max_adapter_blocks: int = 0
     """Largest adapter in blocks, used to size static adapter slots; 0 = set when adapters
     are registered (the first adapter's size)."""
