@@ -139,6 +139,13 @@ class CostModel:
         self._ghosts: OrderedDict[tuple[int, tuple[int, ...]], float] = OrderedDict()
         """(parent id, first block) of dropped KV nodes -> their last use."""
 
+    def learned(self) -> dict[str, float]:
+        """What this run taught the model, for reports (`fastlibra simulate` prints it)."""
+        return {"learned_kv_half_life_s": self.kv_life.value,
+                "learned_adapter_half_life_s": self.adapter_life.value,
+                "learned_leaf_reuse": self.leaf_reuse,
+                "learned_disk_wait": self.disk_scale}
+
     def life(self, node: Node) -> HalfLife:
         return self.adapter_life if isinstance(node, AdapterNode) else self.kv_life
 

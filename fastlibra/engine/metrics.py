@@ -54,7 +54,8 @@ def _pct(values: list[float], q: float) -> float:
 
 def summarize(finished: list[Request], rejected: list[Request], cache: CacheManager,
               timeline: Timeline, elapsed: float) -> dict[str, float]:
-    """The numbers of one policy's run (keys are stable: the JSON and tables use them)."""
+    """The numbers of one policy's run (keys are stable: the JSON and tables use them).
+    A policy that ranks by the cost model also reports what the model learned."""
     ttft = [r.ttft for r in finished if r.ttft is not None]
     tpot = [r.tpot for r in finished if r.tpot is not None]
     st = cache.stats
@@ -82,4 +83,5 @@ def summarize(finished: list[Request], rejected: list[Request], cache: CacheMana
         "ttft_prefill": _mean([r.t_prefill for r in finished]),
         "device_mem_util": timeline.used_block_s / (capacity * elapsed) if elapsed > 0 else 0.0,
         "preemptions": sum(r.num_preemptions for r in finished),
+        **(cache.cost.learned() if cache.policy.ranks_by_decay else {}),
     }
