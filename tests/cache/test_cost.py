@@ -86,6 +86,31 @@ def test_kv_cheaper_to_recompute_than_to_copy_back_is_dropped_not_kept_on_host(r
                                 2 * BLOCK_BYTES)]
 
 
+def _host_of_b_and_kv(b_used=0.0, kv_made=0.0, **kw):
+    """Host (3 blocks), full: adapter b (0 1), last used at `b_used`, read from its file,
+    and KV [1] (2) of adapter a, made at `kv_made`."""
+    m = make_manager(device_blocks=8, host_blocks=3, adapters={"a": 1, "b": 2}, **kw)
+    run(m, "rb", "b", (7,), computed=(7,), now=b_used)  # loads b, caches no KV
+    run(m, "ra", "a", blocks(1), now=kv_made)
+    kv = m.adapters["a"].children[blocks(1)]
+    m.move(m.adapters["b"], Tier.HOST, now=kv_made)
+    m.move(kv, Tier.HOST, now=kv_made)
+    m.check_invariants()
+    assert m.host_pool.num_free == 0
+    return m
+
+
+HOST_AFTER = {"kv": ([], Tier.HOST), "adapter": (["[1] HOST [2]"], Tier.DISK)}
+"""(KV of a, tier of b) once one block of `_host_of_b_and_kv`'s host was freed by dropping
+the KV (host = b (0 1), free 2) or the adapter (host = [1] (2), free 0 1; b is back to its
+file)."""
+
+
+def _host_state(m):
+    m.check_invariants()
+    return tree(m, "a"), m.adapters["b"].tier
+
+
 @pytest.mark.parametrize("hardware, dropped", [
     # disk load of the adapter (5 ms parse) costs more than recomputing 4 tokens (0.4 ms)
     (HardwareProfile(), "kv"),
@@ -93,23 +118,9 @@ def test_kv_cheaper_to_recompute_than_to_copy_back_is_dropped_not_kept_on_host(r
     (HardwareProfile(adapter_parse_s=0.0, disk_bandwidth=25e9, prefill_per_token=1.0), "adapter"),
 ])
 def test_host_keeps_whichever_of_adapter_and_kv_costs_more_to_rebuild(hardware, dropped):
-    # host (3 blocks): adapter b (0 1) from a disk file, KV [1] of adapter a (2) — full.
-    m = make_manager(device_blocks=8, host_blocks=3, adapters={"a": 1, "b": 2},
-                     hardware=hardware)
-    run(m, "ra", "a", blocks(1), now=0.0)
-    run(m, "rb", "b", (7,), computed=(7,), now=0.0)  # loads b, caches no KV
-    kv = m.adapters["a"].children[blocks(1)]
-    m.move(m.adapters["b"], Tier.HOST, now=0.0)
-    m.move(kv, Tier.HOST, now=0.0)
-    m.check_invariants()
-    assert m.host_pool.num_free == 0
-
+    m = _host_of_b_and_kv(hardware=hardware)
     assert m.swapper.make_room(m.host_pool, 1, now=1.0)
-    m.check_invariants()
-    # kv dropped:      host = b (0 1), free 2
-    # adapter dropped: host = [1] (2), free 0 1; b is back to its file
-    outcome = {"kv": ([], Tier.HOST), "adapter": (["[1] HOST [2]"], Tier.DISK)}
-    assert (tree(m, "a"), m.adapters["b"].tier) == outcome[dropped]
+    assert _host_state(m) == HOST_AFTER[dropped]
 
 
 def test_queued_demand_protects_a_cold_leaf_until_the_request_leaves_the_queue():
@@ -373,20 +384,11 @@ def test_adapters_and_kv_are_compared_at_the_time_with_their_own_half_lives(
     # with its own H of 60 s has lost a third of one, so [1] goes; decaying as fast as KV
     # (20 half-lives) b goes. The heaps hold keys of two rates: compared without `at` (by
     # key alone), b would go in both cases.
-    m = make_manager(device_blocks=8, host_blocks=3, adapters={"a": 1, "b": 2})
-    run(m, "rb", "b", (7,), computed=(7,), now=0.0)  # loads b, caches no KV
-    run(m, "ra", "a", blocks(1), now=10.0)
-    kv = m.adapters["a"].children[blocks(1)]
-    m.move(m.adapters["b"], Tier.HOST, now=10.0)
-    m.move(kv, Tier.HOST, now=10.0)
+    m = _host_of_b_and_kv(b_used=0.0, kv_made=10.0)
     m.cost.set_half_life(m.cost.kv_life, 1.0)
     m.cost.set_half_life(m.cost.adapter_life, adapter_half_life)
-    assert m.host_pool.num_free == 0
-
     assert m.swapper.make_room(m.host_pool, 1, now=20.0)
-    m.check_invariants()
-    outcome = {"kv": ([], Tier.HOST), "adapter": (["[1] HOST [2]"], Tier.DISK)}
-    assert (tree(m, "a"), m.adapters["b"].tier) == outcome[dropped]
+    assert _host_state(m) == HOST_AFTER[dropped]
 
 
 def test_a_dropped_node_asked_for_again_still_reports_its_gap():
