@@ -2,7 +2,8 @@
 
 Eviction candidates of a pool are its *leaves* (no resident children in that tier, or for
 a policy without the dependency rule, any adapter), never pinned. Prefetch candidates are
-host nodes whose parent is already on device. Both are kept in heaps ordered by the
+host nodes whose parent is already on device (without the dependency rule, KV right below
+an adapter wherever the adapter is). Both are kept in heaps ordered by the
 policy's key, one heap per kind of node (adapters and KV decay at different rates, so a
 key is time-invariant only within its kind; see `cost.py`), with lazy deletion: any
 change to a node bumps its version and pushes a fresh entry; stale entries are skipped
@@ -104,9 +105,7 @@ class Swapper:
         key = self.policy.rank(self.m.cost, node, node.tier)
         kind = isinstance(node, AdapterNode)
         heap = self._evict[(id(self.m.pool_for(node, node.tier)), kind)]
-        parent = node.parent
-        if (node.tier is Tier.HOST and self.policy.swapper and parent is not None
-                and parent.tier is Tier.DEVICE):
+        if self.policy.swapper and self.prefetchable(node):
             dkey = self.policy.rank(self.m.cost, node, Tier.DEVICE)
             neg = (-dkey[0], -dkey[1])
             self._push(self._prefetch[kind], (neg, next(self._seq), v, node))
@@ -136,6 +135,16 @@ class Swapper:
         # Leaf of this tier: nothing resident in this tier or a faster one hangs below.
         below = node.resident_children
         return below[0] == 0 and (pool.tier is Tier.DEVICE or below[1] == 0)
+
+    def prefetchable(self, node: Node) -> bool:
+        """On host with its parent on device. Without the dependency rule the swapper does
+        not know which adapter a KV node needs, so KV right below an adapter qualifies
+        wherever that adapter is: the invalid KV the paper's ablation swaps in."""
+        parent = node.parent
+        if node.tier is not Tier.HOST or parent is None:
+            return False
+        return parent.tier is Tier.DEVICE or (
+            isinstance(parent, AdapterNode) and not self.policy.dependency_aware)
 
     def _at(self, node: Node, key: tuple, now: float) -> tuple:
         """`key` comparable across kinds at `now` (LRU keys already are)."""
@@ -172,9 +181,7 @@ class Swapper:
         for heap in self._prefetch.values():
             while heap:
                 neg_key, _, version, node = heap[0]
-                parent = node.parent
-                if (version == node.heap_version and node.tier is Tier.HOST
-                        and parent is not None and parent.tier is Tier.DEVICE):
+                if version == node.heap_version and self.prefetchable(node):
                     key = self._at(node, (-neg_key[0], -neg_key[1]), now)
                     if best is None or key > best[0]:
                         best = (key, heap)

@@ -191,3 +191,30 @@ def test_adapters_start_in_host_memory_except_under_vllm():
     # no room on host: the adapter stays on disk until first use
     m = CacheManager(make_cfg(device_blocks=20, host_blocks=1), get_policy("fastlibra"))
     assert m.register_adapter("a", adapter_bytes(2)).tier is Tier.DISK
+
+
+def _kv_hotter_than_its_adapter_on_host(policy):
+    """Device of 8 with room to prefetch 2 blocks; adapter a (2 blocks) and its KV [1]
+    (1 block) both on host, the KV ranked far above the adapter."""
+    m = make_manager(policy, device_blocks=8, low=2 / 8, adapters={"a": 2})
+    run(m, "r0", "a", blocks(1))
+    a = m.adapters["a"]
+    kv = a.children[blocks(1)]
+    m.move(kv, Tier.HOST, now=1.0)
+    m.move(a, Tier.HOST, now=1.0)
+    for node, freq in ((a, 1.0), (kv, 100.0)):
+        node.freq, node.t_last = freq, 1.0
+        m.swapper.touch(node)
+    m.tick(now=1.0)
+    m.check_invariants()
+    return a, kv, m
+
+
+def test_without_the_dependency_rule_prefetch_brings_kv_whose_adapter_is_on_host():
+    # the ablation drops the adapter -> KV edge in prefetch as in eviction: the hotter KV
+    # comes in first and then holds the room its adapter needed (invalid KV)
+    a, kv, m = _kv_hotter_than_its_adapter_on_host("fastlibra-nodep")
+    assert (a.tier, kv.tier, m.invalid_kv_blocks) == (Tier.HOST, Tier.DEVICE, 1)
+    # fastlibra brings the adapter first; its KV waits for room
+    a, kv, m = _kv_hotter_than_its_adapter_on_host("fastlibra")
+    assert (a.tier, kv.tier, m.invalid_kv_blocks) == (Tier.DEVICE, Tier.HOST, 0)
