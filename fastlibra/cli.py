@@ -176,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "simulator (model x hardware step-time profile, no GPU needed)")
     sim.add_argument("--workload", default="chatbot",
                      help="chatbot, translation, agent, drift, or trace:PATH (our JSONL)")
-    sim.add_argument("--model", default="llama-2-7b")
-    sim.add_argument("--hardware", default="a100-80g")
+    sim.add_argument("--model", default="llama-2-7b",
+                     help="a model of the table (llama-2-7b, llama-3-8b, llama-2-13b, "
+                     "codellama-34b, llama-3-70b) or a Hugging Face model directory")
+    sim.add_argument("--hardware", default="a100-80g",
+                     help="a100-80g, h100-80g, h800-80g, h200-141g, or a JSON file of GpuSpec "
+                     "fields (or `bench fidelity`'s output: this machine, measured)")
     sim.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs")
     sim.add_argument("--num-adapters", type=int, default=100)
     sim.add_argument("--adapter-rank", type=int, default=32)

@@ -38,7 +38,7 @@ def run_simulate(args) -> int:
     setup = SimSetup(profile, device_memory=args.device_memory, host_memory=args.host_memory,
                      adapter_share=args.adapter_share)
     cfg = setup.cache_config()
-    print(f"{args.model} on {args.tp} x {args.hardware}: device pool {cfg.device_blocks} blocks "
+    print(f"{profile.model.name} on {args.tp} x {profile.gpu.name}: device pool {cfg.device_blocks} blocks "
           f"({cfg.device_blocks * cfg.block_bytes / 2**30:.1f} GiB), host pool "
           f"{cfg.host_blocks} blocks; adapters of rank {args.adapter_rank} take "
           f"{cfg.blocks_for_bytes(profile.lora.nbytes(profile.model))} blocks each")

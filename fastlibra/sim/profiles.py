@@ -20,7 +20,10 @@ sequence of a mixed batch as if it had the longest query and the longest context
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from fastlibra.config import ConfigError, HardwareProfile, LoraShape, ModelShape
 
@@ -92,6 +95,32 @@ class GpuSpec:
     clocks go cold in a pause of tens of milliseconds (measured by `fidelity`: 0.7-2.6 ms
     per step here). GPUs keep 0."""
 
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name == "name":
+                _check(isinstance(v, str) and v, "GpuSpec.name must be a non-empty string")
+            elif f.name == "padded_attention":
+                _check(isinstance(v, bool), "GpuSpec.padded_attention must be true or false")
+            elif not (f.name == "roofline_p" and v is None):
+                _check(isinstance(v, int | float) and not isinstance(v, bool)
+                       and math.isfinite(v), f"GpuSpec.{f.name} must be a number, got {v!r}")
+                _check(f.name in _FITTED_OFFSETS or v > 0,
+                       f"GpuSpec.{f.name} must be positive, got {v!r}")
+        _check(self.mfu <= 1 and self.mbu <= 1, "GpuSpec.mfu and mbu are fractions of peak (<= 1)")
+        _check(self.roofline_p is None or self.roofline_p >= 1, "GpuSpec.roofline_p must be >= 1")
+
+
+_FITTED_OFFSETS = {"step_overhead_s", "per_seq_overhead_s", "lora_launch_s", "adapter_parse_s",
+                   "idle_wake_s"}
+"""Least-squares intercepts of a measured profile: any sign the fit gives."""
+_GPU_REQUIRED = ("hbm_bytes", "flops", "hbm_bandwidth", "pcie_bandwidth", "nvlink_bandwidth")
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
 
 GPUS: dict[str, GpuSpec] = {
     g.name: g
@@ -146,11 +175,53 @@ def weight_work(model: ModelShape, tokens: int, seqs: int) -> tuple[float, int]:
     return flops, (model.body_params + model.head_params) * model.dtype_bytes
 
 
-def lookup(table: dict, name: str, what: str):
+def resolve_model(spec: str) -> ModelShape:
+    """A model of the table, or a Hugging Face model directory (or its config.json), so a
+    user simulates the model they serve: its layers, widths, GQA and vocabulary size the KV,
+    the adapters and the compute. Served in 16-bit, like the models of the table."""
+    if spec in MODELS:
+        return MODELS[spec]
+    path = Path(spec)
+    if path.name == "config.json" and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(f"unknown model {spec!r}; choose from {', '.join(MODELS)}, or give "
+                          "a Hugging Face model directory")
+    from fastlibra.model.loader import load_config  # imports torch: only for a directory
+
+    return replace(load_config(path).shape(dtype_bytes=2), name=path.resolve().name)
+
+
+def resolve_gpu(spec: str) -> GpuSpec:
+    """A GPU of the table, or a JSON file: either `GpuSpec` fields (`name` defaults to the
+    file's stem) or the output of `fastlibra bench fidelity`, whose fitted `profile.spec`
+    is this machine measured."""
+    if spec in GPUS:
+        return GPUS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ConfigError(f"unknown hardware {spec!r}; choose from {', '.join(GPUS)}, or give "
+                          "a JSON file of GpuSpec fields")
     try:
-        return table[name]
-    except KeyError:
-        raise ConfigError(f"unknown {what} {name!r}; choose from {', '.join(table)}") from None
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("profile"), dict) and "spec" in raw["profile"]:
+        raw = raw["profile"]["spec"]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object of GpuSpec fields")
+    known = [f.name for f in fields(GpuSpec)]
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown field(s) {', '.join(unknown)}; "
+                          f"GpuSpec has {', '.join(known)}")
+    missing = [f for f in _GPU_REQUIRED if f not in raw]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    try:
+        return GpuSpec(**{"name": path.stem, **raw})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -174,8 +245,8 @@ class SimProfile:
 
     @classmethod
     def named(cls, model: str, hardware: str, tp: int = 1, lora_rank: int = 32) -> SimProfile:
-        return cls(lookup(MODELS, model, "model"), lookup(GPUS, hardware, "hardware"), tp,
-                   LoraShape(rank=lora_rank))
+        """`model` and `hardware` by name, or as a model directory and a JSON file."""
+        return cls(resolve_model(model), resolve_gpu(hardware), tp, LoraShape(rank=lora_rank))
 
     # -- memory -------------------------------------------------------------------------
     @property

@@ -72,3 +72,91 @@ def test_counts_and_ratios_must_be_positive(argv, message, capsys):
         main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def _llama_2_7b_dir(tmp_path):
+    """config.json of a Llama-2 7B shape, written by transformers (no weights needed)."""
+    from transformers import LlamaConfig
+
+    path = tmp_path / "my-llama"
+    LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, intermediate_size=11008,
+                vocab_size=32000).save_pretrained(path)
+    return path
+
+
+def _simulate(tmp_path, capsys, model, hardware, name):
+    out = tmp_path / f"{name}.json"
+    assert main(["simulate", "--model", str(model), "--hardware", str(hardware),
+                 "--workload", "chatbot", "--duration", "20", "--rate", "2",
+                 "--num-adapters", "4", "--policy", "fastlibra,vllm", "--device-memory", "4GiB",
+                 "--output-json", str(out)]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    return header, json.loads(out.read_text())["policies"]
+
+
+def test_simulate_takes_your_own_model_directory_and_hardware_file(tmp_path, capsys):
+    from dataclasses import asdict, replace
+
+    from fastlibra.sim.profiles import GPUS, MODELS, SimProfile
+
+    gpu = asdict(GPUS["a100-80g"])
+    del gpu["name"]  # defaults to the file's stem
+    (tmp_path / "my-gpu.json").write_text(json.dumps(gpu))
+    model_dir = _llama_2_7b_dir(tmp_path)
+    own = SimProfile.named(str(model_dir), str(tmp_path / "my-gpu.json"))
+    # the config's shape is the table's Llama-2 7B; only the parameter count is exact there
+    # (6,738,415,616 against the table's rounded 6.738 B)
+    assert own.model.num_params == pytest.approx(6.738e9, rel=1e-4)
+    assert replace(own.model, name="llama-2-7b", num_params=6_738_000_000) == MODELS["llama-2-7b"]
+    assert replace(own.gpu, name="a100-80g") == GPUS["a100-80g"]
+
+    named_header, named = _simulate(tmp_path, capsys, "llama-2-7b", "a100-80g", "named")
+    own_header, own = _simulate(tmp_path, capsys, model_dir, tmp_path / "my-gpu.json", "own")
+    assert own_header.startswith("my-llama on 1 x my-gpu: ")
+    assert own_header.split(": ")[1] == named_header.split(": ")[1]  # pool and adapter sizes
+    for policy in named:
+        assert own[policy]["completed"] == named[policy]["completed"]
+        assert own[policy]["ttft_mean"] == pytest.approx(named[policy]["ttft_mean"], rel=0.05)
+
+
+def test_simulate_takes_the_profile_that_bench_fidelity_measured(tmp_path, capsys):
+    spec = {"name": "cpu", "hbm_bytes": 64 * 2**30, "flops": 80e9, "hbm_bandwidth": 4e9,
+            "pcie_bandwidth": 5e9, "nvlink_bandwidth": 5e9, "mfu": 1.0, "mbu": 1.0,
+            "padded_attention": True, "roofline_p": 1.5}
+    (tmp_path / "fidelity.json").write_text(json.dumps({"profile": {"spec": spec}}))
+    header, result = _simulate(tmp_path, capsys, "llama-2-7b", tmp_path / "fidelity.json", "f")
+    assert header.startswith("llama-2-7b on 1 x cpu: ")
+    assert result["fastlibra"]["completed"] > 0
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"flops": 1e12', "bad.json: malformed JSON"),
+    ('[1, 2]', "bad.json: expected a JSON object of GpuSpec fields"),
+    ('{"flops": 1e12, "hbm_bytes": 8e10, "hbm_bandwidth": 2e12, "pcie_bandwidth": 2.5e10,'
+     ' "nvlink_bandwidth": 3e11, "tflops": 5}', "bad.json: unknown field(s) tflops; GpuSpec has"),
+    ('{"flops": 1e12}', "bad.json: missing hbm_bytes, hbm_bandwidth, pcie_bandwidth"),
+    ('{"flops": -1, "hbm_bytes": 8e10, "hbm_bandwidth": 2e12, "pcie_bandwidth": 2.5e10,'
+     ' "nvlink_bandwidth": 3e11}', "bad.json: GpuSpec.flops must be positive, got -1"),
+    ('{"flops": "fast", "hbm_bytes": 8e10, "hbm_bandwidth": 2e12, "pcie_bandwidth": 2.5e10,'
+     ' "nvlink_bandwidth": 3e11}', "bad.json: GpuSpec.flops must be a number, got 'fast'"),
+])
+def test_a_bad_hardware_file_is_a_clear_error(tmp_path, capsys, content, message):
+    (tmp_path / "bad.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        main(["simulate", "--hardware", str(tmp_path / "bad.json"), "--duration", "5"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unknown_model_or_hardware_names_the_choices(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--hardware", "tpu-v9"])
+    assert ("unknown hardware 'tpu-v9'; choose from a100-80g, h100-80g, h800-80g, h200-141g, "
+            "or give a JSON file of GpuSpec fields") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--model", "gpt-5"])
+    assert "unknown model 'gpt-5'; choose from llama-2-7b" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["simulate", "--model", str(tmp_path)])  # a directory without config.json
+    assert "config.json: file not found" in capsys.readouterr().err
