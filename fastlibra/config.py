@@ -199,9 +199,6 @@ class CacheConfig:
     number), for KV and for adapters alike; the cost model then learns each from its kind's
     reuse gaps (`cost.py`), since short lives suit bursts (agent) and long ones chat turns
     and the tail of adapter popularity."""
-    max_adapter_blocks: int = 0
-    """Largest adapter in blocks, used to size static adapter slots; 0 = set when adapters
-    are registered (the first adapter's size)."""
 
     def __post_init__(self) -> None:
         _require(self.block_size > 0, "CacheConfig.block_size must be positive (tokens per block)")
