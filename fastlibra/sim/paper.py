@@ -97,9 +97,12 @@ class Pair:
     tp: int
     rank: int
 
-    @property
+    @functools.cached_property
     def label(self) -> str:
-        return f"{self.model}@{self.tp}x{self.hardware}"
+        """model@{tp}xGPU by the profile's names: a model directory or a hardware file
+        goes by its own name, not its path."""
+        p = self.profile()
+        return f"{p.model.name}@{self.tp}x{p.gpu.name}"
 
     def profile(self):
         from fastlibra.sim.profiles import SimProfile

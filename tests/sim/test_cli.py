@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from simfixtures import a100_file, llama_2_7b_dir
 
 from fastlibra.cli import main
 
@@ -74,17 +75,6 @@ def test_counts_and_ratios_must_be_positive(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def _llama_2_7b_dir(tmp_path):
-    """config.json of a Llama-2 7B shape, written by transformers (no weights needed)."""
-    from transformers import LlamaConfig
-
-    path = tmp_path / "my-llama"
-    LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=32, intermediate_size=11008,
-                vocab_size=32000).save_pretrained(path)
-    return path
-
-
 def _simulate(tmp_path, capsys, model, hardware, name):
     out = tmp_path / f"{name}.json"
     assert main(["simulate", "--model", str(model), "--hardware", str(hardware),
@@ -96,15 +86,12 @@ def _simulate(tmp_path, capsys, model, hardware, name):
 
 
 def test_simulate_takes_your_own_model_directory_and_hardware_file(tmp_path, capsys):
-    from dataclasses import asdict, replace
+    from dataclasses import replace
 
     from fastlibra.sim.profiles import GPUS, MODELS, SimProfile
 
-    gpu = asdict(GPUS["a100-80g"])
-    del gpu["name"]  # defaults to the file's stem
-    (tmp_path / "my-gpu.json").write_text(json.dumps(gpu))
-    model_dir = _llama_2_7b_dir(tmp_path)
-    own = SimProfile.named(str(model_dir), str(tmp_path / "my-gpu.json"))
+    model_dir, gpu_file = llama_2_7b_dir(tmp_path), a100_file(tmp_path)
+    own = SimProfile.named(str(model_dir), str(gpu_file))
     # the config's shape is the table's Llama-2 7B; only the parameter count is exact there
     # (6,738,415,616 against the table's rounded 6.738 B)
     assert own.model.num_params == pytest.approx(6.738e9, rel=1e-4)
@@ -112,7 +99,7 @@ def test_simulate_takes_your_own_model_directory_and_hardware_file(tmp_path, cap
     assert replace(own.gpu, name="a100-80g") == GPUS["a100-80g"]
 
     named_header, named = _simulate(tmp_path, capsys, "llama-2-7b", "a100-80g", "named")
-    own_header, own = _simulate(tmp_path, capsys, model_dir, tmp_path / "my-gpu.json", "own")
+    own_header, own = _simulate(tmp_path, capsys, model_dir, gpu_file, "own")
     assert own_header.startswith("my-llama on 1 x my-gpu: ")
     assert own_header.split(": ")[1] == named_header.split(": ")[1]  # pool and adapter sizes
     for policy in named:

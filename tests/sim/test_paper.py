@@ -207,3 +207,13 @@ def test_a_host_that_fills_changes_what_fastlibra_reuses():
     fl_big, fl_small = big["policies"]["fastlibra"], small["policies"]["fastlibra"]
     assert fl_small["host_hit_rate"] < fl_big["host_hit_rate"]
     assert small["policies"]["lower-bound"]["ttft_mean"] == big["policies"]["lower-bound"]["ttft_mean"]
+
+
+def test_a_pair_of_your_own_model_and_hardware_goes_by_their_names(tmp_path):
+    from simfixtures import a100_file, llama_2_7b_dir
+
+    own = Pair(str(llama_2_7b_dir(tmp_path)), str(a100_file(tmp_path)), 2, 16)
+    assert own.label == "my-llama@2xmy-gpu"
+    assert Pair("llama-2-7b", "a100-80g", 1, 32).label == "llama-2-7b@1xa100-80g"
+    # the sweep's budget rule applies to it like to a pair of the table
+    assert own.budget_bytes() == Pair("llama-2-7b", "a100-80g", 2, 16).budget_bytes()
