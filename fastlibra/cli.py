@@ -370,13 +370,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _BENCHMARKS = {
-    "cache": ("fastlibra.cache.bench", "run_cache_bench"),
-    "scale": ("fastlibra.sim.scale", "run_scale"),
-    "paper": ("fastlibra.sim.paper", "run_paper"),
-    "model": ("fastlibra.model.bench", "run_model_bench"),
-    "replay": ("fastlibra.model.replay", "run_replay"),
-    "fidelity": ("fastlibra.sim.fidelity", "run_fidelity"),
-    "serve": ("fastlibra.server.bench", "run_serve_bench"),
+    "cache": ("fastlibra.bench.cache", "run_cache_bench"),
+    "scale": ("fastlibra.bench.scale", "run_scale"),
+    "paper": ("fastlibra.bench.paper", "run_paper"),
+    "model": ("fastlibra.bench.model", "run_model_bench"),
+    "replay": ("fastlibra.bench.replay", "run_replay"),
+    "fidelity": ("fastlibra.bench.fidelity", "run_fidelity"),
+    "serve": ("fastlibra.bench.serve", "run_serve_bench"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 
@@ -386,7 +386,7 @@ def _dispatch(args) -> int:
         from fastlibra.demo import run_demo
         return run_demo(args)
     if args.command == "simulate":
-        from fastlibra.sim.cli import run_simulate
+        from fastlibra.bench.simulate import run_simulate
         return run_simulate(args)
     if args.command == "convert-trace":
         from fastlibra.traces import convert_trace

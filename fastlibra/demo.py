@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fastlibra.bench.report import write_json
 from fastlibra.model.tiny import TINY_SHAPE, build_tiny_model
 
 NUM_ADAPTERS = 6
@@ -121,8 +122,7 @@ def run_demo(args) -> int:
     write_plot(result, plot)
     _log(f"wrote {plot}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        _log(f"wrote {args.json}")
+        write_json(args.json, result, _log)
     return 0
 
 
@@ -132,7 +132,7 @@ def replay_policies(base: Path, adapters: dict[str, Path], policies: list[str],
     "policies": {name: summary row}, "ttft_ms": {name: per-request TTFTs}}."""
     import torch
 
-    from fastlibra.model.replay import default_budget, replay_policy, workload_spec
+    from fastlibra.bench.replay import default_budget, replay_policy, workload_spec
     from fastlibra.workloads import iter_turns, make_workload
 
     torch.set_num_threads(1)  # tiny matmuls: more threads only add spin-waiting

@@ -20,8 +20,10 @@ from fastlibra.cache import CacheManager, Move, get_policy
 from fastlibra.cache.tree import AdapterNode
 from fastlibra.config import CacheConfig, HardwareProfile, ModelShape, SwapperConfig
 
-# The tiny model builders of tests/model (tinymodels, llmsetup) serve tests/server too.
-sys.path.insert(0, str(Path(__file__).parent / "model"))
+# Shared helpers live beside the tests that own them and serve other folders too:
+# tinymodels and llmsetup (tests/model), simfixtures (tests/sim), liveserver (tests/server).
+for _helpers in ("model", "sim", "server"):
+    sys.path.insert(0, str(Path(__file__).parent / _helpers))
 
 BS = 4
 MODEL = ModelShape("tiny", num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1,

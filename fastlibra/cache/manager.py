@@ -130,7 +130,7 @@ class CacheManager:
         self.running: dict[str, Allocation] = {}
 
         self.cost = CostModel(cfg, host_keeps_kv=self.policy.host_kv and cfg.host_blocks > 0)
-        self.swapper = Swapper(self)
+        self.swapper = Swapper(self, self.policy, self.cost, cfg.swapper)
         self.mover: Mover = mover if mover is not None else CountingMover()
         self.stats = CacheStats()
 

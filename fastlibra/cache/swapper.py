@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from fastlibra.cache.pool import BlockPool, Tier
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
+from fastlibra.config import SwapperConfig
 
 if TYPE_CHECKING:
-    from fastlibra.cache.manager import CacheManager
+    from fastlibra.cache.cost import CostModel
+    from fastlibra.cache.policies import Policy
 
 
 class MoveKind(Enum):
@@ -79,14 +81,37 @@ class CountingMover:
         return sum(self.bytes_by_kind.values())
 
 
-class Swapper:
-    """Ranks nodes and frees room; the manager calls `touch` whenever a node changes."""
+class SwapTarget(Protocol):
+    """What the swapper needs from the cache it serves (the `CacheManager`): its pools,
+    its nodes, and the three tier changes that keep pools, tree and pins in step."""
 
-    def __init__(self, manager: CacheManager) -> None:
-        self.m = manager
-        self.policy = manager.policy
+    pools: list[BlockPool]
+    device_pools: list[BlockPool]
+
+    def pool_for(self, node: Node, tier: Tier) -> BlockPool: ...
+
+    def nodes(self) -> list[Node]: ...
+
+    def host_accepts(self, node: Node) -> bool: ...
+
+    def move(self, node: Node, dst: Tier, now: float) -> float: ...
+
+    def drop(self, node: Node, now: float | None = None) -> None: ...
+
+    def split(self, node: KVNode, keep_blocks: int) -> KVNode: ...
+
+
+class Swapper:
+    """Ranks nodes and frees room; the cache calls `touch` whenever a node changes."""
+
+    def __init__(self, cache: SwapTarget, policy: Policy, cost: CostModel,
+                 cfg: SwapperConfig) -> None:
+        self.cache = cache
+        self.policy = policy
+        self.cost = cost
+        self.cfg = cfg
         self._evict: dict[tuple[int, bool], list] = {
-            (id(p), kind): [] for p in manager.pools for kind in (False, True)}
+            (id(p), kind): [] for p in cache.pools for kind in (False, True)}
         """(pool id, is adapter) -> heap of (key, seq, version, node)."""
         self._prefetch: dict[bool, list] = {False: [], True: []}
         """is adapter -> heap of (negated device key, seq, version, node)."""
@@ -94,7 +119,7 @@ class Swapper:
         self._compacted: dict[int, int] = {}
         self._versions = itertools.count(1)
         if self.policy.ranks_by_decay:
-            manager.cost.on_rekey = self.rekey
+            cost.on_rekey = self.rekey
 
     # -- ranking ------------------------------------------------------------------------
     def touch(self, node: Node) -> None:
@@ -102,11 +127,11 @@ class Swapper:
         if node.num_blocks == 0 or node.tier is Tier.DISK:
             return
         node.heap_version = v = next(self._versions)
-        key = self.policy.rank(self.m.cost, node, node.tier)
+        key = self.policy.rank(self.cost, node, node.tier)
         kind = isinstance(node, AdapterNode)
-        heap = self._evict[(id(self.m.pool_for(node, node.tier)), kind)]
+        heap = self._evict[(id(self.cache.pool_for(node, node.tier)), kind)]
         if self.policy.swapper and self.prefetchable(node):
-            dkey = self.policy.rank(self.m.cost, node, Tier.DEVICE)
+            dkey = self.policy.rank(self.cost, node, Tier.DEVICE)
             neg = (-dkey[0], -dkey[1])
             self._push(self._prefetch[kind], (neg, next(self._seq), v, node))
         self._push(heap, (key, next(self._seq), v, node))
@@ -116,7 +141,7 @@ class Swapper:
         for heap in [*self._evict.values(), *self._prefetch.values()]:
             heap.clear()
         self._compacted.clear()
-        for node in self.m.nodes():
+        for node in self.cache.nodes():
             self.touch(node)
 
     def _push(self, heap: list, entry: tuple) -> None:
@@ -128,7 +153,7 @@ class Swapper:
             self._compacted[id(heap)] = len(heap)
 
     def is_evictable(self, node: Node, pool: BlockPool) -> bool:
-        if node.pinned or node.tier is not pool.tier or self.m.pool_for(node, node.tier) is not pool:
+        if node.pinned or node.tier is not pool.tier or self.cache.pool_for(node, node.tier) is not pool:
             return False
         if isinstance(node, AdapterNode) and not self.policy.dependency_aware:
             return True
@@ -148,7 +173,7 @@ class Swapper:
 
     def _at(self, node: Node, key: tuple, now: float) -> tuple:
         """`key` comparable across kinds at `now` (LRU keys already are)."""
-        return self.m.cost.at(node, key, now) if self.policy.ranks_by_decay else key
+        return self.cost.at(node, key, now) if self.policy.ranks_by_decay else key
 
     def _next_victim(self, pool: BlockPool, now: float) -> tuple[tuple, list] | None:
         """(key at `now`, heap) of the next victim of `pool`, dropping stale entries."""
@@ -199,20 +224,20 @@ class Swapper:
             short = nblocks - pool.num_free
             if self.policy.evict_blocks and isinstance(victim, KVNode) \
                     and victim.num_blocks > short:
-                self.m.split(victim, victim.num_blocks - short)  # victim keeps the tail
+                self.cache.split(victim, victim.num_blocks - short)  # victim keeps the tail
             self.evict(victim, now)
         return True
 
     def evict(self, node: Node, now: float) -> None:
         """Move `node` one tier down: device -> host if worth it and room is found, else drop."""
-        m = self.m
+        m = self.cache
         if node.tier is Tier.DEVICE and m.host_accepts(node):
             host = m.pool_for(node, Tier.HOST)
             if host.num_free < node.num_blocks:
                 # Only host nodes worth less than this one make way for it, unless host
                 # nodes hang below it: dropping it would lose that whole subtree.
                 limit = None if node.children_in(Tier.HOST) else \
-                    self._at(node, self.policy.rank(m.cost, node, Tier.HOST), now)
+                    self._at(node, self.policy.rank(self.cost, node, Tier.HOST), now)
                 self._clear_host_room(host, node.num_blocks - host.num_free, limit, now)
             if host.num_free >= node.num_blocks:
                 m.move(node, Tier.HOST, now)
@@ -236,15 +261,15 @@ class Swapper:
                 self.touch(victim)
             return
         for victim in chosen:
-            self.m.drop(victim, now)
+            self.cache.drop(victim, now)
 
     # -- between steps ------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Busy: swap out down to the high watermark. Idle: prefetch up to the low one."""
         if not self.policy.swapper:
             return
-        cfg = self.m.cfg.swapper
-        for pool in self.m.device_pools:
+        cfg = self.cfg
+        for pool in self.cache.device_pools:
             high = int(cfg.high_watermark * pool.capacity)
             if pool.num_used > high:
                 self.make_room(pool, pool.capacity - high, now)
@@ -255,7 +280,7 @@ class Swapper:
                 break
             key, heap = best
             node = heap[0][3]
-            pool = self.m.pool_for(node, Tier.DEVICE)
+            pool = self.cache.pool_for(node, Tier.DEVICE)
             if pool.num_used + node.num_blocks > int(cfg.low_watermark * pool.capacity):
                 break  # the most valuable candidate does not fit: leave the rest too
             floor = self._peek_victim(pool, now)
@@ -264,5 +289,5 @@ class Swapper:
             if node.num_blocks > budget:
                 break
             heapq.heappop(heap)
-            self.m.move(node, Tier.DEVICE, now)
+            self.cache.move(node, Tier.DEVICE, now)
             budget -= node.num_blocks

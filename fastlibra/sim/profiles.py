@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from fastlibra.config import ConfigError, HardwareProfile, LoraShape, ModelShape
@@ -80,7 +80,7 @@ class GpuSpec:
     per_seq_overhead_s: float = PER_SEQ_OVERHEAD_S
     lora_launch_s: float = LORA_LAUNCH_S
     adapter_parse_s: float = ADAPTER_PARSE_S
-    """Overrides for measured profiles (`fastlibra.sim.fidelity`); GPUs keep the defaults."""
+    """Overrides for measured profiles (`fastlibra.bench.fidelity`); GPUs keep the defaults."""
     padded_attention: bool = False
     """Attention runs on the batch padded to [seqs, longest query, longest context]
     (fastlibra's own runner: one dense SDPA call per layer); GPUs run varlen kernels."""
@@ -175,23 +175,6 @@ def weight_work(model: ModelShape, tokens: int, seqs: int) -> tuple[float, int]:
     return flops, (model.body_params + model.head_params) * model.dtype_bytes
 
 
-def resolve_model(spec: str) -> ModelShape:
-    """A model of the table, or a Hugging Face model directory (or its config.json), so a
-    user simulates the model they serve: its layers, widths, GQA and vocabulary size the KV,
-    the adapters and the compute. Served in 16-bit, like the models of the table."""
-    if spec in MODELS:
-        return MODELS[spec]
-    path = Path(spec)
-    if path.name == "config.json" and path.is_file():
-        path = path.parent
-    if not path.is_dir():
-        raise ConfigError(f"unknown model {spec!r}; choose from {', '.join(MODELS)}, or give "
-                          "a Hugging Face model directory")
-    from fastlibra.model.loader import load_config  # imports torch: only for a directory
-
-    return replace(load_config(path).shape(dtype_bytes=2), name=path.resolve().name)
-
-
 def resolve_gpu(spec: str) -> GpuSpec:
     """A GPU of the table, or a JSON file: either `GpuSpec` fields (`name` defaults to the
     file's stem) or the output of `fastlibra bench fidelity`, whose fitted `profile.spec`
@@ -242,11 +225,6 @@ class SimProfile:
         if self.free_hbm_bytes() <= 0:
             raise ConfigError(f"{self.model.name} does not fit on {self.tp} x {self.gpu.name}; "
                               "raise --tp")
-
-    @classmethod
-    def named(cls, model: str, hardware: str, tp: int = 1, lora_rank: int = 32) -> SimProfile:
-        """`model` and `hardware` by name, or as a model directory and a JSON file."""
-        return cls(resolve_model(model), resolve_gpu(hardware), tp, LoraShape(rank=lora_rank))
 
     # -- memory -------------------------------------------------------------------------
     @property

@@ -4,11 +4,11 @@ from fastlibra.cache import CacheManager, get_policy
 from fastlibra.config import SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
-from fastlibra.sim.profiles import SimProfile
+from fastlibra.sim.profiles import GPUS, MODELS, SimProfile
 from fastlibra.sim.runner import SimMover, SimRunner
 from fastlibra.sim.simulate import SimSetup
 
-PROFILE = SimProfile.named("llama-2-7b", "a100-80g")
+PROFILE = SimProfile(MODELS["llama-2-7b"], GPUS["a100-80g"])
 BLOCK = 16 * PROFILE.model.kv_bytes_per_token
 
 

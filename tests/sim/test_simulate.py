@@ -7,10 +7,10 @@ import pytest
 from simfixtures import chat_sessions
 
 from fastlibra.engine.request import Request
-from fastlibra.sim.profiles import GiB, SimProfile
+from fastlibra.sim.profiles import GPUS, MODELS, GiB, SimProfile
 from fastlibra.sim.simulate import SimSetup, count_requests, simulate, with_unlimited_memory
 
-PROFILE = SimProfile.named("llama-2-7b", "a100-80g")
+PROFILE = SimProfile(MODELS["llama-2-7b"], GPUS["a100-80g"])
 TIGHT = SimSetup(PROFILE, device_memory=2 * GiB, host_memory=8 * GiB)
 
 

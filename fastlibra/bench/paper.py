@@ -46,7 +46,6 @@ Choices (each one is also written into the JSON `config`):
 from __future__ import annotations
 
 import functools
-import json
 import math
 import multiprocessing
 import os
@@ -105,8 +104,8 @@ class Pair:
         return f"{p.model.name}@{self.tp}x{p.gpu.name}"
 
     def profile(self):
-        from fastlibra.sim.profiles import SimProfile
-        return SimProfile.named(self.model, self.hardware, self.tp, self.rank)
+        from fastlibra.bench.simulate import named_profile
+        return named_profile(self.model, self.hardware, self.tp, self.rank)
 
     def budget_bytes(self) -> int:
         p = self.profile()
@@ -142,7 +141,7 @@ class Task:
 
 @functools.lru_cache(maxsize=4)
 def _requests(workload: str, rate: float, adapters: int, duration: float, seed: int):
-    from fastlibra.sim.cli import build_requests
+    from fastlibra.bench.simulate import build_requests
     return build_requests(workload, rate, adapters, 1.0, duration, seed)
 
 
@@ -656,8 +655,8 @@ def write_markdown(path: Path, section: str) -> None:
 
 
 def plot_sweep(cells: list[dict], out: Path) -> list[Path]:
-    from fastlibra.sim.report import _plt
-    plt = _plt()
+    from fastlibra.bench.report import pyplot
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -725,7 +724,7 @@ def command_line(args) -> str:
 
 
 def run_paper(args) -> int:
-    from fastlibra.machine import code_version, machine_info
+    from fastlibra.bench.report import run_facts, write_json
 
     t_start = time.perf_counter()
     quick = args.quick
@@ -807,8 +806,7 @@ def run_paper(args) -> int:
     command = command_line(args)
     doc = {
         "command": command,
-        "machine": machine_info(),
-        "code": code_version(),
+        "machine": run_facts(),
         "wall_s": wall,
         "runs": runs,
         "config": {
@@ -829,8 +827,7 @@ def run_paper(args) -> int:
         "summary": summary,
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(doc, indent=1))
-        print(f"wrote {args.json}")
+        write_json(args.json, doc)
     if args.markdown:
         write_markdown(Path(args.markdown), markdown_section(doc))
         print(f"wrote {args.markdown}")

@@ -5,6 +5,7 @@ import json
 import pytest
 from simfixtures import a100_file, llama_2_7b_dir
 
+from fastlibra.bench.simulate import named_profile
 from fastlibra.cli import main
 
 
@@ -88,10 +89,10 @@ def _simulate(tmp_path, capsys, model, hardware, name):
 def test_simulate_takes_your_own_model_directory_and_hardware_file(tmp_path, capsys):
     from dataclasses import replace
 
-    from fastlibra.sim.profiles import GPUS, MODELS, SimProfile
+    from fastlibra.sim.profiles import GPUS, MODELS
 
     model_dir, gpu_file = llama_2_7b_dir(tmp_path), a100_file(tmp_path)
-    own = SimProfile.named(str(model_dir), str(gpu_file))
+    own = named_profile(str(model_dir), str(gpu_file))
     # the config's shape is the table's Llama-2 7B; only the parameter count is exact there
     # (6,738,415,616 against the table's rounded 6.738 B)
     assert own.model.num_params == pytest.approx(6.738e9, rel=1e-4)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import heapq
-import json
 import math
 import statistics
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from fastlibra.bench.report import run_facts, write_json
 from fastlibra.model.tiny import build_tiny_model
 from fastlibra.workloads import WorkloadSpec, make_workload, session_spec
 
@@ -265,7 +265,6 @@ def _reductions(results: dict[str, dict]) -> dict[str, float]:
 
 
 def run_replay(args) -> int:
-    from fastlibra.machine import code_version, machine_info
 
     torch.set_num_threads(args.threads)
     spec = workload_spec(args)
@@ -306,8 +305,7 @@ def run_replay(args) -> int:
         results = {p: mean_of_replays(rs) for p, rs in runs.items()}
     red = _reductions(results)
     out = {
-        "machine": {**machine_info(), "torch": torch.__version__,
-                    "torch_threads": args.threads, **code_version()},
+        "machine": run_facts(args.threads),
         "model": shape,
         "workload": {"generator": "chatbot", "sessions": len(firsts), "turns": len(turns),
                      "rate": args.rate, "duration_s": args.duration, "think_mean_s": args.think,
@@ -331,6 +329,5 @@ def run_replay(args) -> int:
                  if p == "vllm" else ""))
     if args.json:
         out["requests"] = {p: r["requests_detail"] for p, r in results.items()}
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        _status(f"wrote {args.json}")
+        write_json(args.json, out, _status)
     return 0

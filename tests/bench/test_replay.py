@@ -63,7 +63,7 @@ def test_bench_replay_two_policies(tmp_path, capsys):
 
 
 def test_repeated_replays_report_their_mean():
-    from fastlibra.model.replay import mean_of_replays
+    from fastlibra.bench.replay import mean_of_replays
 
     a = {"policy": "vllm", "requests": 3, "ttft_mean_ms": 10.0, "adapter_disk_loads": 2,
          "bytes_moved": {"load": 100, "swap_in": 0}, "requests_detail": [{"id": "x"}]}

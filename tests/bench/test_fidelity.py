@@ -8,9 +8,9 @@ from dataclasses import replace
 
 import pytest
 
+from fastlibra.bench.fidelity import Point, compare, fit_replay, fit_spec, replay_points
 from fastlibra.cli import main
 from fastlibra.config import LoraShape, ModelShape
-from fastlibra.sim.fidelity import Point, compare, fit_replay, fit_spec, replay_points
 from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile
 
 TINY = ModelShape("tiny", num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2,

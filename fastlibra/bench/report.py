@@ -1,7 +1,13 @@
-"""Tables and plots of simulation results (what a person would rather look at)."""
+"""What every benchmark reports with: the simulator's policy table, plots, and JSON that
+records the machine and the commit it was measured on."""
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 TABLE_COLUMNS = [
@@ -50,7 +56,8 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display on servers and CI)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -65,12 +72,12 @@ def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
 def plot_ttft_cdf(results: dict[str, dict], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in results.items():
         xs = r["ttfts"]
@@ -81,7 +88,7 @@ def plot_ttft_cdf(results: dict[str, dict], path: Path, title: str) -> Path:
 
 
 def plot_ttft_vs_rate(by_rate: dict[float, dict[str, dict]], path: Path, title: str) -> Path:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     rates = sorted(by_rate)
     for name in by_rate[rates[0]]:
@@ -94,7 +101,7 @@ def plot_ttft_vs_rate(by_rate: dict[float, dict[str, dict]], path: Path, title: 
 
 def plot_composition(result: dict, policy: str, path: Path) -> Path:
     """Device pool over time: adapters / cached KV / running KV / invalid KV / free."""
-    plt = _plt()
+    plt = pyplot()
     tl = result["timeline"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     kinds = ["adapter", "kv_cached", "kv_running", "invalid_kv", "free"]
@@ -109,3 +116,51 @@ def plot_composition(result: dict, policy: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# -- where a result was measured ------------------------------------------------------
+def machine_info() -> dict:
+    model = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": model,
+            "cpu_count": os.cpu_count(),
+            "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else None,
+            "python": platform.python_version(),
+            "implementation": platform.python_implementation()}
+
+
+def code_version() -> dict:
+    """The commit measured (and whether the tree had uncommitted changes), if in git."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fastlibra/
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True,
+                             capture_output=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, text=True,
+                               capture_output=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": rev, "dirty": bool(dirty)} if rev else {}
+
+
+def run_facts(torch_threads: int | None = None) -> dict:
+    """The `machine` entry of every benchmark's JSON: machine facts and the commit, plus
+    torch's version and thread count for benchmarks that run the model."""
+    facts = {**machine_info(), **code_version()}
+    if torch_threads is not None:
+        import torch
+
+        facts.update(torch=torch.__version__, torch_threads=torch_threads)
+    return facts
+
+
+def write_json(path: str | Path, doc: dict, log: Callable[[str], None] = print) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2, default=float) + "\n")
+    log(f"wrote {path}")

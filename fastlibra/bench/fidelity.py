@@ -34,9 +34,7 @@ the ratio b/a is gridded instead. The candidate with the least error wins.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -46,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from fastlibra.bench.report import run_facts, write_json
 from fastlibra.config import HardwareProfile, LoraShape, ModelShape
 from fastlibra.llm import scheduler_config
 from fastlibra.sim.profiles import GiB, GpuSpec, SimProfile, attention_work, roofline, weight_work
@@ -476,11 +475,10 @@ def _sim_setup(profile: SimProfile, device: int, host: int, adapter_bytes: dict[
 
 
 def run_fidelity(args) -> int:
-    from fastlibra.machine import code_version, machine_info
-    from fastlibra.model.replay import (
+    from fastlibra.bench.replay import (
         BLOCK_SIZE as REPLAY_BLOCK,
     )
-    from fastlibra.model.replay import (
+    from fastlibra.bench.replay import (
         CONV_TOKENS,
         _adapter_bytes,
         _kv_bytes_per_token,
@@ -570,8 +568,7 @@ def run_fidelity(args) -> int:
     worst = max(abs(v["ttft_rel_error"]) for v in policies.values())
     spec = prof["spec"]
     out = {
-        "machine": {**machine_info(), "torch": torch.__version__,
-                    "torch_threads": args.threads, "cpus": os.cpu_count(), **code_version()},
+        "machine": run_facts(args.threads),
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "kv_heads": args.kv_heads, "intermediate": args.intermediate,
                   "vocab": args.vocab, "dtype": "float32", "adapters": args.adapters},
@@ -604,6 +601,5 @@ def run_fidelity(args) -> int:
         out["requests"] = {p: {"real": real[p]["requests_detail"], "sim": sim_records[p]}
                            for p in args.policy}  # real: every replay's, one after another
         out["steps"] = step_logs
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        _status(f"wrote {args.json}")
+        write_json(args.json, out, _status)
     return 0

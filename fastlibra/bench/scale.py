@@ -16,8 +16,8 @@ from dataclasses import replace
 
 from tqdm import tqdm
 
-from fastlibra.sim.paper import reduction
-from fastlibra.sim.profiles import SimProfile
+from fastlibra.bench.paper import reduction
+from fastlibra.bench.simulate import named_profile
 from fastlibra.sim.simulate import SimSetup, count_requests, simulate
 from fastlibra.workloads import WorkloadSpec, make_workload
 
@@ -35,7 +35,7 @@ def scale_requests(pattern: str, num_adapters: int, rate: float, duration: float
 
 
 def run_scale(args) -> int:
-    profile = SimProfile.named(args.model, args.hardware, args.tp, args.adapter_rank)
+    profile = named_profile(args.model, args.hardware, args.tp, args.adapter_rank)
     setup = SimSetup(profile)
     cfg = setup.cache_config()
     per = cfg.blocks_for_bytes(profile.lora.nbytes(profile.model))

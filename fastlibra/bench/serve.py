@@ -39,8 +39,8 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from fastlibra.bench.report import run_facts, write_json
 from fastlibra.engine.request import Request
-from fastlibra.machine import code_version, machine_info
 from fastlibra.workloads import iter_turns, make_workload, session_spec
 
 PROGRESS_S = 5.0
@@ -368,10 +368,8 @@ def run_serve_bench(args) -> int:
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("command", "bench",
                                                                    "api_key")}
-        with open(args.json, "w") as f:
-            json.dump({"config": config, "base": res["base"], "adapters": res["adapters"],
-                       "max_context": res["max_context"], "summary": summary,
-                       "machine": machine_info(), "code": code_version(),
-                       "requests": [asdict(r) for r in res["records"]]}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {
+            "config": config, "base": res["base"], "adapters": res["adapters"],
+            "max_context": res["max_context"], "summary": summary, "machine": run_facts(),
+            "requests": [asdict(r) for r in res["records"]]})
     return 0

@@ -5,9 +5,8 @@ import math
 
 import pytest
 
-from fastlibra.cli import main
-from fastlibra.sim import paper
-from fastlibra.sim.paper import (
+from fastlibra.bench import paper
+from fastlibra.bench.paper import (
     ALL_POLICIES,
     FASTLIBRA,
     LOWER_BOUND,
@@ -25,6 +24,7 @@ from fastlibra.sim.paper import (
     reduction,
     write_markdown,
 )
+from fastlibra.cli import main
 
 
 def test_peak_load_interpolates_linearly_at_the_first_crossing():

@@ -22,7 +22,6 @@ thread count. Default model (about 88 M parameters, 350 MB in float32):
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from fastlibra.bench.report import run_facts, write_json
 from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model
 from fastlibra.model.lora import ArenaLayout
 from fastlibra.model.tiny import save_lora
@@ -191,13 +191,6 @@ def _prefill_case(runner, hf, args) -> dict:
             "runs_s": {k: v["runs_s"] for k, v in res.items()}}
 
 
-def _machine(threads: int) -> dict:
-    from fastlibra.machine import code_version, machine_info
-
-    return {**machine_info(), "torch": torch.__version__, "torch_threads": threads,
-            **code_version()}
-
-
 def _table(out: dict) -> str:
     rows = [f"{'measure':<34} {'ours':>12} {'transformers':>13} {'ratio':>7} "
             f"{'target':>8} {'met':>4}"]
@@ -252,7 +245,7 @@ def run_model_bench(args) -> int:
                     f"{decode[-1]['transformers_tok_s']:.1f} tok/s")
         _status(f"prefill of {args.prefill_len} tokens: base / adapter / transformers")
         prefill = _prefill_case(runner, hf, args)
-    out = {"machine": _machine(threads), "model": {**shape, "parameters": params},
+    out = {"machine": run_facts(threads), "model": {**shape, "parameters": params},
            "settings": {"warmup": args.warmup, "reps": args.reps,
                         "block_size": BLOCK_SIZE, "seed": args.seed},
            "decode": decode, "prefill": prefill}
@@ -260,8 +253,7 @@ def run_model_bench(args) -> int:
     out["targets"] = _targets(out)
     print(_table(out))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-        _status(f"wrote {args.json}")
+        write_json(args.json, out, _status)
     return 0
 
 

@@ -23,7 +23,6 @@ seed; `vllm` always runs too, as the baseline the others are reported relative t
 from __future__ import annotations
 
 import gc
-import json
 import random
 import sys
 import time
@@ -33,9 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from fastlibra.bench.report import run_facts, write_json
 from fastlibra.cache import CacheManager, CountingMover, Tier, get_policy
 from fastlibra.config import CacheConfig, LoraShape, ModelShape
-from fastlibra.machine import code_version, machine_info
 
 MODEL = ModelShape("llama-2-7b-like", num_layers=32, hidden_size=4096, num_heads=32,
                    num_kv_heads=32, intermediate_size=11008, dtype_bytes=2)
@@ -576,12 +575,8 @@ def run_cache_bench(args) -> int:
                    "adapter_blocks": sizes.adapter_blocks,
                    "device_blocks": sizes.device_blocks, "host_blocks": sizes.host_blocks,
                    "step_s": STEP_S, "zipf_s": ZIPF_S, "max_context": MAX_CONTEXT},
-        "machine": machine_info(),
-        "code": code_version(),
+        "machine": run_facts(),
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2, default=float)
-            f.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, out)
     return 0

@@ -2,18 +2,46 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
+from fastlibra.bench.report import (
+    format_table,
+    plot_composition,
+    plot_ttft_cdf,
+    plot_ttft_vs_rate,
+    write_json,
+)
+from fastlibra.config import ConfigError, LoraShape, ModelShape
 from fastlibra.engine.request import Request
-from fastlibra.sim.profiles import SimProfile
-from fastlibra.sim.report import format_table, plot_composition, plot_ttft_cdf, plot_ttft_vs_rate
+from fastlibra.sim.profiles import MODELS, SimProfile, resolve_gpu
 from fastlibra.sim.simulate import SimSetup, adapter_names, count_requests, simulate
 from fastlibra.traces import load_trace
 from fastlibra.workloads import WorkloadSpec, make_workload
+
+
+def resolve_model(spec: str) -> ModelShape:
+    """A model of the table, or a Hugging Face model directory (or its config.json), so a
+    user simulates the model they serve: its layers, widths, GQA and vocabulary size the KV,
+    the adapters and the compute. Served in 16-bit, like the models of the table."""
+    if spec in MODELS:
+        return MODELS[spec]
+    path = Path(spec)
+    if path.name == "config.json" and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        raise ConfigError(f"unknown model {spec!r}; choose from {', '.join(MODELS)}, or give "
+                          "a Hugging Face model directory")
+    from fastlibra.model.loader import load_config  # imports torch: only for a directory
+
+    return replace(load_config(path).shape(dtype_bytes=2), name=path.resolve().name)
+
+
+def named_profile(model: str, hardware: str, tp: int = 1, lora_rank: int = 32) -> SimProfile:
+    """`model` and `hardware` by name, or as a model directory and a JSON file."""
+    return SimProfile(resolve_model(model), resolve_gpu(hardware), tp, LoraShape(rank=lora_rank))
 
 
 def build_requests(workload: str, rate: float, num_adapters: int, zipf: float,
@@ -34,7 +62,7 @@ def build_requests(workload: str, rate: float, num_adapters: int, zipf: float,
 
 
 def run_simulate(args) -> int:
-    profile = SimProfile.named(args.model, args.hardware, args.tp, args.adapter_rank)
+    profile = named_profile(args.model, args.hardware, args.tp, args.adapter_rank)
     setup = SimSetup(profile, device_memory=args.device_memory, host_memory=args.host_memory,
                      adapter_share=args.adapter_share)
     cfg = setup.cache_config()
@@ -66,8 +94,7 @@ def run_simulate(args) -> int:
                "tp": args.tp, "num_adapters": args.num_adapters, "seed": args.seed,
                "rate": args.rate[0], "policies": strip(first),
                "by_rate": {str(r): {"policies": strip(res)} for r, res in by_rate.items()}}
-        Path(args.output_json).write_text(json.dumps(doc, indent=2))
-        print(f"wrote {args.output_json}")
+        write_json(args.output_json, doc)
     if args.plot:
         out = Path(args.plot)
         out.mkdir(parents=True, exist_ok=True)
