@@ -194,6 +194,10 @@ class CacheConfig:
     """Tokens of KV per block (all layers)."""
     hardware: HardwareProfile = field(default_factory=HardwareProfile)
     swapper: SwapperConfig = field(default_factory=SwapperConfig)
+    adapters_in_host: bool = True
+    """The starting state, the same for every policy: adapters are read into host memory
+    when registered, before serving (as far as the host holds them), or, when False, every
+    policy reads each adapter from disk on first use through the same load path."""
     decay_half_life_s: float = 15.0
     """Starting half-life of a node's visit frequency (recency and frequency in one
     number), for KV and for adapters alike; the cost model then learns each from its kind's
@@ -230,14 +234,12 @@ class SchedulerConfig:
     """Tokens computed per step (decode tokens + prefill chunk tokens)."""
     chunked_prefill: bool = True
     """Split long prompts over steps so decodes keep flowing; False = whole prompts only."""
-    layerwise_copies: bool = True
-    """Start a prefill while its adapter and cached KV are still being copied in, when the
-    copy should land before the prefill reaches the last layer: the runner waits per
-    layer (copy events per layer), so copy and compute overlap. False = wait for all."""
-    copy_join_s: float = 0.0
-    """Without layer-wise copies: a prefill whose copies are due within this many seconds
-    joins the step (the runner waits for them before the forward) instead of sitting out
-    a whole step. A swap-in of a few KV blocks takes microseconds; a step, milliseconds."""
+    copy_join_s: float = 0.001
+    """A prefill whose copies (adapter, cached KV) are due within this many seconds joins
+    the step, and the runner waits for them before the forward pass; one due later sits
+    out the step while others run. The real runner copies whole blocks before a step (no
+    per-layer waits), and the simulator charges exactly that. A swap-in of a few KV blocks
+    takes microseconds; a step, milliseconds."""
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "SchedulerConfig.max_num_seqs must be positive")

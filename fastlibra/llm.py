@@ -40,17 +40,10 @@ from fastlibra.model.sampling import (
 )
 
 Prompt = str | Sequence[int]
-COPY_JOIN_S = 0.001
-"""A prefill whose copies are due within 1 ms joins the next step rather than waiting a
-whole step (~6 ms for bench replay's model): KV blocks copy at GB/s."""
-
-
 def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048) -> SchedulerConfig:
-    """How `LLM` batches: no per-layer copy waits in this runner, so a prefill either
-    waits for its copies or joins when they are due within `COPY_JOIN_S`. The simulator
-    reproduces the real engine with this same config (`sim.fidelity`)."""
-    return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
-                           layerwise_copies=False, copy_join_s=COPY_JOIN_S)
+    """How `LLM` batches; the simulator reproduces the real engine with this same config
+    (`bench fidelity`)."""
+    return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -334,7 +327,7 @@ class LLM:
             s.finish(req, self.engine.now)
         elif req.state is RequestState.WAITING:
             s.waiting.remove(req)
-            self.cache.set_demand(req.adapter, req.prompt, -1)
+            self.cache.remove_demand(req.request_id)
             req.state = RequestState.FINISHED
         del self._live[req.request_id]
         self.executor.release(req.request_id)

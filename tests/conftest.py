@@ -11,12 +11,12 @@ Prompts are written in blocks: `blocks(1, 2, 3)` is the 12 tokens
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from fastlibra.cache import CacheManager, Move, get_policy
+from fastlibra.cache import CacheManager, Move
 from fastlibra.cache.tree import AdapterNode
 from fastlibra.config import CacheConfig, HardwareProfile, ModelShape, SwapperConfig
 
@@ -43,10 +43,11 @@ def adapter_bytes(nblocks: int) -> int:
 
 def make_cfg(device_blocks: int = 16, host_blocks: int = 8, *,
              high: float = 0.95, low: float = 0.80, max_prefetch_blocks: int = 256,
-             hardware: HardwareProfile | None = None, half_life: float = 60.0) -> CacheConfig:
+             hardware: HardwareProfile | None = None, half_life: float = 60.0,
+             adapters_in_host: bool = False) -> CacheConfig:
     return CacheConfig(
         model=MODEL, device_blocks=device_blocks, host_blocks=host_blocks, block_size=BS,
-        hardware=hardware or HardwareProfile(),
+        hardware=hardware or HardwareProfile(), adapters_in_host=adapters_in_host,
         swapper=SwapperConfig(high_watermark=high, low_watermark=low,
                               max_prefetch_blocks=max_prefetch_blocks),
         decay_half_life_s=half_life)
@@ -58,8 +59,8 @@ def make_manager(policy: str = "fastlibra", device_blocks: int = 16, host_blocks
     """A manager on a tiny config; `adapters` maps names to sizes in blocks. Adapters
     start on disk (not read into host at registration) unless `adapters_in_host`, so the
     pinned block ids below do not depend on each policy's start-up state."""
-    pol = replace(get_policy(policy), adapters_in_host=adapters_in_host)
-    m = CacheManager(make_cfg(device_blocks, host_blocks, **cfg_kw), pol, mover=mover)
+    m = CacheManager(make_cfg(device_blocks, host_blocks, adapters_in_host=adapters_in_host,
+                              **cfg_kw), policy, mover=mover)
     for name, nblocks in (adapters or {}).items():
         m.register_adapter(name, adapter_bytes(nblocks))
     return m

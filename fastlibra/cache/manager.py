@@ -117,6 +117,11 @@ class CacheManager:
             self.device_adapter_pool = BlockPool("device-adapters", Tier.DEVICE, n_adapter)
             self.device_kv_pool = BlockPool("device-kv", Tier.DEVICE, cfg.device_blocks - n_adapter)
         self.host_pool = BlockPool("host", Tier.HOST, cfg.host_blocks)
+        self.host_adapter_cap = (min(cfg.host_blocks, self.device_adapter_pool.capacity)
+                                 if self.policy.host_adapters_as_slots else cfg.host_blocks)
+        """Host blocks adapters may hold (vLLM's `max_cpu_loras`; else the whole host)."""
+        self.blocked_on_adapter = False
+        """The last `allocate` that returned None found no room for the request's adapter."""
         self.device_pools = list(dict.fromkeys([self.device_adapter_pool, self.device_kv_pool]))
         self.pools = self.device_pools + [self.host_pool]
         self._pinned = {id(p): 0 for p in self.pools}
@@ -128,6 +133,8 @@ class CacheManager:
         self._generations: dict[str, int] = {}
         self.num_nodes = 1
         self.running: dict[str, Allocation] = {}
+        self._queued: dict[str, Node] = {}
+        """Queued request -> the deepest node its queued demand counts on."""
 
         self.cost = CostModel(cfg, host_keeps_kv=self.policy.host_kv and cfg.host_blocks > 0)
         self.swapper = Swapper(self, self.policy, self.cost, cfg.swapper)
@@ -158,7 +165,8 @@ class CacheManager:
         if old is not None:
             self._retire(old)
         self.adapters[name] = node
-        if self.policy.adapters_in_host and self.host_pool.num_free >= nblocks:
+        if self.cfg.adapters_in_host and self.host_pool.num_free >= nblocks \
+                and self.host_pool.used(BlockKind.ADAPTER) + nblocks <= self.host_adapter_cap:
             # Read at registration, before serving: a starting state, not a timed copy.
             node.blocks = self.host_pool.allocate(nblocks, BlockKind.ADAPTER)
             T.set_tier(node, Tier.HOST)
@@ -205,7 +213,8 @@ class CacheManager:
         return self.device_kv_pool
 
     def host_accepts(self, node: Node) -> bool:
-        if self.host_pool.capacity < node.num_blocks:
+        if self.host_pool.capacity < node.num_blocks or (
+                isinstance(node, AdapterNode) and node.num_blocks > self.host_adapter_cap):
             return False
         return isinstance(node, AdapterNode) or (self.policy.host_kv and
                                                  self.cost.worth_hosting(node))
@@ -282,6 +291,8 @@ class CacheManager:
             if k > pool.num_free + self._evictable(pool):
                 self.unpin(deepest)
                 self.stats.deferred += 1
+                self.blocked_on_adapter = pool is self.device_adapter_pool \
+                    and pool is not self.device_kv_pool
                 return None
 
         ready = max([now, node.ready_at] + [n.ready_at for n in chain])
@@ -444,7 +455,9 @@ class CacheManager:
         self.stats.swap_ins += mk is MoveKind.SWAP_IN
         self.stats.swap_outs += mk is MoveKind.SWAP_OUT
         self.stats.bytes_moved[mk.value] += nbytes
-        node.ready_at = self.mover.submit(Move(mk, node, old_blocks, new_blocks, nbytes), now)
+        through = mk is MoveKind.SWAP_OUT and self.policy.write_through
+        node.ready_at = self.mover.submit(
+            Move(mk, node, old_blocks, new_blocks, nbytes, written_through=through), now)
         self._touch_around(node)
         return node.ready_at
 
@@ -514,17 +527,31 @@ class CacheManager:
         """Between steps: swap out when busy, prefetch when idle."""
         self.swapper.tick(now)
 
-    def set_demand(self, adapter: str | None, tokens, delta: int) -> None:
-        """A request entered (+1) or left (-1) the queue: the nodes it will need gain (lose)
-        priority so that neither eviction nor prefetch works against it."""
-        node = self.adapter(adapter)
-        chain: list[Node] = [node]
+    def add_demand(self, request_id: str, adapter: str | None, tokens) -> None:
+        """A request joined the queue: the nodes it will need gain priority, so that neither
+        eviction nor prefetch works against it, until `remove_demand`."""
+        if request_id in self._queued:
+            raise CacheError(f"request {request_id!r} is already queued")
+        node: Node = self.adapter(adapter)
         tokens = tuple(tokens)
         if self.policy.reuse_kv and len(tokens) > self.bs:
-            chain += T.walk(node, tokens, self.bs, (len(tokens) - 1) // self.bs).nodes
-        for n in chain:
-            n.demand = max(0, n.demand + delta)
+            node = ([node] + T.walk(node, tokens, self.bs, (len(tokens) - 1) // self.bs).nodes)[-1]
+        self._queued[request_id] = node
+        self._add_demand_along(node, +1)
+
+    def remove_demand(self, request_id: str) -> None:
+        """The request left the queue (admitted, rejected or aborted). Exactly the nodes it
+        counted on lose its demand: its deepest node and that node's ancestors, which
+        include any node split off above it since. Nodes that appeared later under the
+        same prefix were never counted, so they keep other requests' demand."""
+        self._add_demand_along(self._queued.pop(request_id), -1)
+
+    def _add_demand_along(self, node: Node, delta: int) -> None:
+        n: Node | None = node
+        while n is not None and n is not self.root:
+            n.demand += delta
             self.swapper.touch(n)
+            n = n.parent
 
     # -- reporting ----------------------------------------------------------------------
     @property
@@ -571,6 +598,12 @@ class CacheManager:
             while n is not None and n is not self.root:
                 refs[id(n)] = refs.get(id(n), 0) + 1
                 n = n.parent
+        demand: dict[int, int] = {}  # recounted from the queue
+        for deepest in self._queued.values():
+            n = deepest
+            while n is not None and n is not self.root:
+                demand[id(n)] = demand.get(id(n), 0) + 1
+                n = n.parent
         running_blocks = {id(p): 0 for p in self.pools}
         for alloc in self.running.values():
             running_blocks[id(self.device_kv_pool)] += len(alloc.blocks)
@@ -584,6 +617,7 @@ class CacheManager:
                                              if k.tier is Tier.DEVICE), f"{a}: device KV count"
         for n in self.nodes():
             assert n.ref_count == refs.get(id(n), 0), f"{n}: ref_count {n.ref_count} (I2)"
+            assert n.demand == demand.get(id(n), 0), f"{n}: queued demand {n.demand}"
             assert n.ref_count == 0 or all(
                 c.ref_count <= n.ref_count for c in n.children.values())
             counts = [0, 0, 0]

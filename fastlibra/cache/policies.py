@@ -3,23 +3,30 @@
 A policy is a handful of traits plus a ranking key; the manager and swapper read the
 traits, so the core has no `if policy == ...` chains.
 
-| policy          | adapters                 | KV reuse | dependency | host tier     | ranking |
-|-----------------|--------------------------|----------|------------|---------------|---------|
-| fastlibra       | unified pool             | tree     | yes        | adapters + KV | cost    |
-| fastlibra-nodep | unified pool             | tree     | no         | adapters + KV | cost    |
-| fastlibra-lru   | unified pool             | tree     | yes        | adapters + KV | LRU     |
-| vllm            | static share, LRU slots  | prefix   | no         | adapters (*)  | LRU     |
-| sglang          | static share, LRU        | radix    | no         | adapters      | LRU     |
-| slora           | unified pool, on demand  | none     | n/a        | adapters      | LRU     |
+| policy          | adapters                 | KV reuse | dependency | host tier              | ranking |
+|-----------------|--------------------------|----------|------------|------------------------|---------|
+| fastlibra       | unified pool             | tree     | yes        | adapters + KV          | cost    |
+| fastlibra-nodep | unified pool             | tree     | no         | adapters + KV          | cost    |
+| fastlibra-lru   | unified pool             | tree     | yes        | adapters + KV          | LRU     |
+| vllm            | static share, LRU slots  | prefix   | no         | adapters (max_loras)   | LRU     |
+| vllm-offload    | as vllm                  | prefix   | no         | + KV, write-through    | LRU     |
+| sglang          | static share, LRU        | radix    | no         | adapters               | LRU     |
+| sglang-hicache  | as sglang                | radix    | no         | + KV, write-through    | LRU     |
+| slora           | unified pool, on demand  | none     | n/a        | adapters               | LRU     |
 
-(*) read from disk on first use; the others hold every adapter in host memory from the start.
+Every policy starts from the same state (adapters in host memory, `CacheConfig.
+adapters_in_host`) with the same budgets. What each baseline models and leaves out is in
+docs/baselines.md.
 
-vLLM reserves `max_loras` adapter slots up front (the paper configured 20 % of memory) and
-keeps a CPU LRU of adapters; its prefix cache hashes the adapter id into each block, and
-nothing frees a block because its adapter left: that KV stays until LRU reaches it.
-SGLang sizes a LoRA memory pool for `max_loras_per_batch` adapters (expressed here as the
-same device share, so the two differ only in KV handling) beside a per-adapter radix
-cache with LRU leaf eviction. S-LoRA pages adapters and KV in one unified pool but frees a
+vLLM v1 reserves `max_loras` adapter slots up front (the paper configured 20 % of memory),
+keeps a CPU LRU of `max_cpu_loras` adapters (default: `max_loras`), loads adapters inside
+the step, and skips a request whose adapter finds no free slot; its prefix cache hashes the
+adapter id into each block, and nothing frees a block because its adapter left: that KV
+stays until LRU reaches it. With its CPU offloading connector (or LMCache) KV blocks are
+also stored to host memory as they are computed. SGLang sizes a LoRA memory pool for
+`max_loras_per_batch` adapters (expressed here as the same device share, so the two differ
+only in KV handling) beside a per-adapter radix cache with LRU leaf eviction; HiCache adds
+a host tier written through. S-LoRA pages adapters and KV in one unified pool but frees a
 request's KV when it ends.
 """
 
@@ -62,10 +69,22 @@ class Policy:
     evict_blocks: bool = False
     """Evict single blocks (a node's tail first) rather than whole nodes, as vLLM's free
     block queue does; radix caches (SGLang) evict whole leaves."""
-    adapters_in_host: bool = True
-    """Adapters are read into host memory when registered (before serving), as S-LoRA,
-    SGLang and FastLibra keep them; vLLM reads each from disk on first use into an LRU
-    CPU cache."""
+    host_adapters_as_slots: bool = False
+    """The host keeps at most as many adapter blocks as the device's adapter slots hold:
+    vLLM's CPU LoRA cache of `max_cpu_loras` adapters, which defaults to `max_loras`.
+    Beyond it the least recently used host adapter goes back to its file."""
+    copies_in_step: bool = False
+    """Adapter loads and swap-ins run inside the step, so the whole batch waits for them
+    (vLLM's LoRA manager loads adapters synchronously in the worker's step); otherwise a
+    request whose copy is in flight sits out the steps until it lands while others run."""
+    skip_without_adapter_slot: bool = False
+    """Admission passes over a request whose adapter finds no free slot (every slot held by
+    running requests) and admits the next, as vLLM v1's scheduler does; otherwise
+    admission stops at the first request the cache cannot place."""
+    write_through: bool = False
+    """KV is copied to the host tier when it is written (SGLang HiCache, vLLM's CPU
+    offloading connector, LMCache), so evicting it to host frees its device blocks at
+    once; otherwise a swap-out's blocks are reusable only when its copy is done."""
 
     @property
     def ranks_by_decay(self) -> bool:
@@ -78,6 +97,15 @@ class Policy:
             raise ValueError(f"policy {self.name}: adapter_share must be in (0, 1)")
 
 
+VLLM = Policy("vllm", "vLLM v1: max_loras slots (20% share), max_cpu_loras = max_loras, "
+              "loads in the step, prefix-cache LRU", _lru_rank, dependency_aware=False,
+              reuse_kv=True, host_kv=False, swapper=False, adapter_share=0.2,
+              evict_blocks=True, host_adapters_as_slots=True, copies_in_step=True,
+              skip_without_adapter_slot=True)
+SGLANG = Policy("sglang", "static LoRA pool, per-adapter radix cache with LRU leaf eviction",
+                _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
+                adapter_share=0.2)
+
 POLICIES: dict[str, Policy] = {
     p.name: p
     for p in [
@@ -87,18 +115,18 @@ POLICIES: dict[str, Policy] = {
                _cost_rank, dependency_aware=False, reuse_kv=True, host_kv=True, swapper=True),
         Policy("fastlibra-lru", "fastlibra with LRU instead of the cost model (ablation)",
                _lru_rank, dependency_aware=True, reuse_kv=True, host_kv=True, swapper=True),
-        Policy("vllm", "static adapter slots (20% share), CPU adapter LRU, prefix-cache LRU",
-               _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
-               adapter_share=0.2, evict_blocks=True, adapters_in_host=False),
-        Policy("sglang", "static LoRA pool, per-adapter radix cache with LRU leaf eviction",
-               _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
-               adapter_share=0.2),
+        VLLM,
+        replace(VLLM, name="vllm-offload", host_kv=True, write_through=True,
+                summary="vllm plus an LRU CPU KV tier written through (offloading connector)"),
+        SGLANG,
+        replace(SGLANG, name="sglang-hicache", host_kv=True, write_through=True,
+                summary="sglang plus HiCache: a host KV tier written through, LRU"),
         Policy("slora", "unified pool, adapters on demand (LRU), no KV reuse across requests",
                _lru_rank, dependency_aware=False, reuse_kv=False, host_kv=False, swapper=False),
     ]
 }
 
-BASELINES = ("vllm", "slora", "sglang")
+BASELINES = ("vllm", "vllm-offload", "slora", "sglang", "sglang-hicache")
 ABLATIONS = ("fastlibra-nodep", "fastlibra-lru")
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
-from fastlibra.cache.pool import BlockPool, Tier
+from fastlibra.cache.pool import BlockKind, BlockPool, Tier
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
 from fastlibra.config import SwapperConfig
 
@@ -50,6 +50,9 @@ class Move:
     src_blocks: list[int]
     dst_blocks: list[int]
     nbytes: int
+    written_through: bool = False
+    """A swap-out whose bytes were already copied when the KV was written (SGLang
+    HiCache's write-through): its source blocks may be reused at once."""
 
 
 class Mover(Protocol):
@@ -124,8 +127,8 @@ class Swapper:
     # -- ranking ------------------------------------------------------------------------
     def touch(self, node: Node) -> None:
         """`node`'s key or candidacy may have changed: push fresh heap entries."""
-        if node.num_blocks == 0 or node.tier is Tier.DISK:
-            return
+        if node.num_blocks == 0 or node.tier is Tier.DISK or node.heap_version < 0:
+            return  # nothing to rank, or dropped (a queued request may still point at it)
         node.heap_version = v = next(self._versions)
         key = self.policy.rank(self.cost, node, node.tier)
         kind = isinstance(node, AdapterNode)
@@ -233,6 +236,8 @@ class Swapper:
         m = self.cache
         if node.tier is Tier.DEVICE and m.host_accepts(node):
             host = m.pool_for(node, Tier.HOST)
+            if isinstance(node, AdapterNode):
+                self._cap_host_adapters(host, node.num_blocks, now)
             if host.num_free < node.num_blocks:
                 # Only host nodes worth less than this one make way for it, unless host
                 # nodes hang below it: dropping it would lose that whole subtree.
@@ -243,6 +248,15 @@ class Swapper:
                 m.move(node, Tier.HOST, now)
                 return
         m.drop(node, now)
+
+    def _cap_host_adapters(self, host: BlockPool, nblocks: int, now: float) -> None:
+        """Make the host's adapters fit its adapter cap with `nblocks` more (vLLM's
+        `max_cpu_loras`): the lowest-ranked host adapters go back to their files."""
+        heap = self._evict[(id(host), True)]
+        while host.used(BlockKind.ADAPTER) + nblocks > self.cache.host_adapter_cap and heap:
+            _, _, version, victim = heapq.heappop(heap)
+            if version == victim.heap_version and self.is_evictable(victim, host):
+                self.cache.drop(victim, now)
 
     def _clear_host_room(self, host: BlockPool, nblocks: int, limit: tuple | None,
                          now: float) -> None:
@@ -286,8 +300,9 @@ class Swapper:
             floor = self._peek_victim(pool, now)
             if floor is not None and key <= floor:
                 break  # it would be the next thing evicted: moving it is churn, not gain
-            if node.num_blocks > budget:
-                break
+            if node.num_blocks > budget and budget < cfg.max_prefetch_blocks:
+                break  # next tick; a node larger than a whole budget comes alone, or it
+                # would never come and would block every node ranked behind it
             heapq.heappop(heap)
             self.cache.move(node, Tier.DEVICE, now)
             budget -= node.num_blocks

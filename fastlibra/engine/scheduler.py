@@ -2,8 +2,8 @@
 
 One step = decode one token for every running request past its prompt, plus prefill
 chunks for admitted requests, within a token budget. Admission is first come, first
-served and stops at the first request the cache cannot place (no overtaking, as in
-vLLM). When a running request cannot grow, the most recently admitted one is preempted:
+served and stops at the first request the cache cannot place (no overtaking), except that
+a policy modelling vLLM v1 passes over a request whose adapter finds no free slot. When a running request cannot grow, the most recently admitted one is preempted:
 its blocks return to the cache (its finished blocks stay cached, so recomputing it is
 mostly a hit) and it goes back to the head of the queue.
 """
@@ -26,8 +26,8 @@ class PrefillItem:
     prefix_len: int
     """Prompt tokens whose KV already exists (cached or earlier chunks)."""
     ready_at: float = 0.0
-    """When the copies this prefill reads (adapter, cached KV) complete; later than the
-    step start only with layer-wise copies, where the runner waits per layer."""
+    """When the copies this prefill reads (adapter, cached KV) complete: the step starts
+    no earlier (the runner waits for them before the forward pass)."""
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Scheduler:
         """An arrival joins the queue; the nodes it will need gain queued demand."""
         req.state = RequestState.WAITING
         self.waiting.append(req)
-        self.cache.set_demand(req.adapter, req.prompt, +1)
+        self.cache.add_demand(req.request_id, req.adapter, req.prompt)
 
     @property
     def has_work(self) -> bool:
@@ -92,13 +92,22 @@ class Scheduler:
             if req.t_first_token is None or self._pending(req) > 1:
                 budget -= self._add_prefill(batch, req, budget, now)
         self.head_blocked = False
+        passed_over: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
             if not self._admit(req, now):
+                if self.cache.blocked_on_adapter and self.cache.policy.skip_without_adapter_slot:
+                    passed_over.append(self.waiting.popleft())
+                    continue
                 self.head_blocked = True
                 break
             if req.state is RequestState.RUNNING:
                 budget -= self._add_prefill(batch, req, budget, now)
+        if passed_over:  # they keep their places at the head, waiting for a free slot
+            # Slots free only when running requests finish: if nobody else is left to
+            # try, nothing can start until then, as when the head is blocked.
+            self.head_blocked = self.head_blocked or not self.waiting
+            self.waiting.extendleft(reversed(passed_over))
         return batch
 
     @staticmethod
@@ -109,20 +118,12 @@ class Scheduler:
     def _add_prefill(self, batch: Batch, req: Request, budget: int, now: float) -> int:
         ready = self.allocs[req.request_id].ready_at
         n = self._chunk(self._pending(req), budget)
-        if not n or ready > now and not self._overlaps(n, req.num_computed, ready - now):
+        if not n or ready - now > self.cfg.copy_join_s and not self.cache.policy.copies_in_step:
             return 0  # its adapter or cached prefix is still being copied in
         batch.prefills.append(PrefillItem(req, n, req.num_computed, ready))
         if req.t_prefill_start is None:
             req.t_prefill_start = now
         return n
-
-    def _overlaps(self, num_tokens: int, prefix: int, copy_left: float) -> bool:
-        """With layer-wise copies, start when the copy lands before the last layer needs it;
-        without, when it lands within `copy_join_s` (the whole step waits for it)."""
-        if not self.cfg.layerwise_copies:
-            return copy_left <= self.cfg.copy_join_s
-        compute = self.cache.cfg.hardware.prefill_time(num_tokens, prefix)
-        return copy_left <= compute
 
     def _chunk(self, remaining: int, budget: int) -> int:
         if self.cfg.chunked_prefill:
@@ -135,14 +136,14 @@ class Scheduler:
                                         reserve_tokens=1)
         except RequestTooLarge as e:
             self.waiting.popleft()
-            self.cache.set_demand(req.adapter, req.prompt, -1)
+            self.cache.remove_demand(req.request_id)
             req.state, req.reject_reason = RequestState.REJECTED, str(e)
             self.rejected.append(req)
             return True
         if alloc is None:
             return False
         self.waiting.popleft()
-        self.cache.set_demand(req.adapter, req.prompt, -1)
+        self.cache.remove_demand(req.request_id)
         self.allocs[req.request_id] = alloc
         self.running.append(req)
         req.state = RequestState.RUNNING
@@ -172,7 +173,7 @@ class Scheduler:
         req.num_computed = 0
         req.state = RequestState.WAITING
         self.waiting.appendleft(req)
-        self.cache.set_demand(req.adapter, req.prompt, +1)
+        self.cache.add_demand(req.request_id, req.adapter, req.prompt)
 
     # -- after a step -------------------------------------------------------------------
     def finish(self, req: Request, now: float) -> None:

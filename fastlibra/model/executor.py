@@ -23,8 +23,7 @@ request whose adapter or cached prefix is still in flight out of the next steps 
 others run. Before a forward pass the executor calls `wait_for` with the blocks and
 adapters that step touches: it waits only for the copies into those blocks, and for
 every pending swap-out (their source blocks are free in the books and this step may
-write into them). `async_copies=False` makes every copy synchronous instead. With no
-per-layer waiting, run the scheduler with `layerwise_copies=False`.
+write into them). `async_copies=False` makes every copy synchronous instead.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 `SimRunner.execute` returns the step time of `SimProfile.step_time` and the scripted
 output tokens. `SimMover` keeps three copy queues that overlap with compute, like CUDA
 copy engines beside the compute stream: host->device, device->host, and disk reads.
-A copy starts when its queue is free; a request waits only for the copies it needs
-(`Allocation.ready_at`).
+A copy starts when its queue is free. Nothing is free that the real runner
+(`model/executor.py`) waits for: a step starts once the copies its prefills read have
+landed (whole blocks, no per-layer overlap) and every pending swap-out is done, since the
+blocks a swap-out frees may be written by this step.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class SimMover:
         self.hw = hw
         self.busy_until = {"h2d": 0.0, "d2h": 0.0, "disk": 0.0}
         self.bytes = {"h2d": 0, "d2h": 0, "disk": 0}
+        self.swap_outs_due = 0.0
+        """When the last swap-out whose source blocks were freed for reuse completes."""
 
     def _queue(self, kind: MoveKind, nbytes: int) -> tuple[str, float]:
         if kind is MoveKind.SWAP_OUT:
@@ -43,6 +47,8 @@ class SimMover:
         done = max(now, self.busy_until[queue]) + seconds
         self.busy_until[queue] = done
         self.bytes[queue] += move.nbytes
+        if move.kind is MoveKind.SWAP_OUT and not move.written_through:
+            self.swap_outs_due = max(self.swap_outs_due, done)
         return done
 
 
@@ -51,8 +57,9 @@ class SimRunner:
 
     max_fused_steps = 64
 
-    def __init__(self, profile: SimProfile) -> None:
+    def __init__(self, profile: SimProfile, mover: SimMover) -> None:
         self.profile = profile
+        self.mover = mover
         self._last_end = -math.inf
 
     def _time(self, batch: Batch, extra_ctx: int = 0) -> float:
@@ -69,11 +76,8 @@ class SimRunner:
         # Step time is affine in context within a regime: average the first and last step.
         duration = self._time(batch) if k == 1 else \
             k * (self._time(batch) + self._time(batch, k - 1)) / 2
-        # Layer-wise copies: a prefill whose copy is still in flight finishes one layer's
-        # compute after the copy lands, if that is later than the step would end anyway.
-        layer = duration / self.profile.model.num_layers
-        for p in batch.prefills:
-            duration = max(duration, p.ready_at - now + layer)
+        start = max([now, self.mover.swap_outs_due] + [p.ready_at for p in batch.prefills])
+        duration += start - now
         if now - self._last_end > IDLE_AFTER_S:
             duration += self.profile.gpu.idle_wake_s
         self._last_end = now + duration

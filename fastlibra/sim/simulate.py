@@ -85,7 +85,7 @@ def simulate(policy: str, requests: list[Request], setup: SimSetup,
     sizes = setup.adapter_bytes or {}
     for name in adapter_names(requests):
         cache.register_adapter(name, sizes.get(name, uniform))
-    runner = SimRunner(setup.profile)
+    runner = SimRunner(setup.profile, cache.mover)
     timeline = Timeline(min_interval_s=timeline_interval_s)
     last_done = [0]
 

@@ -126,15 +126,14 @@ def test_host_keeps_whichever_of_adapter_and_kv_costs_more_to_rebuild(hardware, 
 def test_queued_demand_protects_a_cold_leaf_until_the_request_leaves_the_queue():
     # X used three times, Y once: without demand Y would leave (see the frequency test).
     m = _two_leaves(x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
-    m.set_demand("a", Y + (99,), +1)  # a queued request will reuse Y
+    m.add_demand("q", "a", Y + (99,))  # a queued request will reuse Y
     assert (m.adapters["a"].demand, m.adapters["a"].children[Y[:4]].demand) == (1, 1)
     _pressure(m, now=2.0)
     assert tree(m, "a") == ["[1][2] HOST [0, 1]", "[3][4] DEVICE [4, 5]"]  # X went instead
 
     m = _two_leaves(x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
-    m.set_demand("a", Y + (99,), +1)
-    m.set_demand("a", Y + (99,), -1)  # it left the queue: no protection any more
-    m.set_demand("a", Y + (99,), -1)  # demand never goes below zero
+    m.add_demand("q", "a", Y + (99,))
+    m.remove_demand("q")  # it left the queue: no protection any more
     assert m.adapters["a"].children[Y[:4]].demand == 0
     _pressure(m, now=2.0)
     assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]
@@ -449,3 +448,21 @@ def test_lru_keys_are_not_rebuilt_when_the_half_life_moves():
     assert m.cost.on_rekey is None
     m = _two_leaves("fastlibra-nodep", x_visits=(0.0, 2.0, 4.0), y_visits=(5.0,))
     assert m.cost.on_rekey is not None  # same ranking as fastlibra: same learned H
+
+
+def test_queued_demand_stays_with_the_requests_still_waiting():
+    """A queues before Y's child Z exists, B after: when A leaves, Z keeps B's demand
+    (recounting from A's prompt would take B's count away from Z)."""
+    m = _two_leaves(x_visits=(0.0, 0.0, 0.0), y_visits=(1.0,))
+    Z = Y + blocks(5)
+    m.add_demand("A", "a", Z + (99,))  # counts on a and Y: Z does not exist yet
+    run(m, "z", "a", Z, now=1.5)  # Z is cached under Y
+    m.add_demand("B", "a", Z + (99,))  # counts on a, Y and Z
+    z = m.adapters["a"].children[Y[:4]].children[blocks(5)]
+    assert z.demand == 1
+    m.remove_demand("A")
+    assert z.demand == 1 and m.adapters["a"].children[Y[:4]].demand == 1
+    m.check_invariants()  # queued demand equals a recount from the queue
+    m.remove_demand("B")
+    assert z.demand == 0 and m.adapters["a"].demand == 0
+    m.check_invariants()

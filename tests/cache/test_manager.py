@@ -324,7 +324,7 @@ def _snapshot(m):
 @pytest.mark.parametrize("call", [
     lambda m: m.allocate("r2", "zzz", blocks(1), now=2.0),
     lambda m: m.match("zzz", blocks(1)),
-    lambda m: m.set_demand("zzz", blocks(1), +1),
+    lambda m: m.add_demand("q", "zzz", blocks(1)),
     lambda m: m.unregister_adapter("zzz"),
     lambda m: m.check_fits("zzz", 4),
 ])

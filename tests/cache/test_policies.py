@@ -7,6 +7,7 @@ from fastlibra.cache import (
     ABLATIONS,
     BASELINES,
     POLICIES,
+    BlockKind,
     CacheError,
     CacheManager,
     Tier,
@@ -27,10 +28,10 @@ def _four_adapters(policy):
 
 def test_vllm_keeps_kv_of_evicted_adapters_on_device_where_fastlibra_keeps_none():
     vllm = _four_adapters("vllm")
-    # adapter slots (2 blocks): d          host: a b c
+    # adapter slots (2 blocks): d          host (max_cpu_loras = one slot's 2 blocks): c
     # KV pool (8 blocks):       [1][2] [3][4] [5][6] [7][8]   <- 6 blocks no request can hit
     assert {n: a.tier for n, a in vllm.adapters.items()} == {
-        "a": Tier.HOST, "b": Tier.HOST, "c": Tier.HOST, "d": Tier.DEVICE}
+        "a": Tier.DISK, "b": Tier.DISK, "c": Tier.HOST, "d": Tier.DEVICE}
     assert tree(vllm, "a") == ["[1][2] DEVICE [0, 1]"]
     assert vllm.invalid_kv_blocks == 6
     assert vllm.usage()["device-kv"] == {"adapter": 0, "kv_cached": 8, "kv_running": 0,
@@ -150,15 +151,25 @@ def test_policy_traits_match_the_systems_they_stand_for():
         "fastlibra-nodep": (False, True, True, True, None, False),
         "fastlibra-lru": (True, True, True, True, None, False),
         "vllm": (False, True, False, False, 0.2, True),
+        "vllm-offload": (False, True, True, False, 0.2, True),
         "sglang": (False, True, False, False, 0.2, False),
+        "sglang-hicache": (False, True, True, False, 0.2, False),
         "slora": (False, False, False, False, None, False),
     }
+    # vLLM v1's own behaviour: max_cpu_loras = max_loras, loads inside the step, a request
+    # without a free adapter slot is passed over; offloaded KV is written through
+    vllm_like = {name for name, p in POLICIES.items()
+                 if p.host_adapters_as_slots and p.copies_in_step and p.skip_without_adapter_slot}
+    assert vllm_like == {"vllm", "vllm-offload"}
+    assert {name for name, p in POLICIES.items() if p.write_through} == {
+        "vllm-offload", "sglang-hicache"}
     assert set(BASELINES) | set(ABLATIONS) | {"fastlibra"} == set(POLICIES)
 
 
 def test_get_policy_errors_on_unknown_names_and_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown policy 'lfu'; choose from fastlibra, "
-                                         "fastlibra-nodep, fastlibra-lru, vllm, sglang, slora"):
+                                         "fastlibra-nodep, fastlibra-lru, vllm, vllm-offload, "
+                                         "sglang, sglang-hicache, slora"):
         get_policy("lfu")
     assert get_policy("sglang") is POLICIES["sglang"]
 
@@ -176,18 +187,42 @@ def test_static_policy_adapters_are_sized_against_the_adapter_share():
         m.register_adapter("too-big", adapter_bytes(5))
 
 
-def test_adapters_start_in_host_memory_except_under_vllm():
-    # S-LoRA, SGLang and FastLibra read every adapter into host memory before serving;
-    # vLLM reads it from disk on first use.
-    from fastlibra.cache import CacheManager, Tier, get_policy
-    tiers = {}
-    for name in ("fastlibra", "slora", "sglang", "vllm"):
-        m = CacheManager(make_cfg(device_blocks=20, host_blocks=8), get_policy(name))
-        a = m.register_adapter("a", adapter_bytes(2))
-        tiers[name] = a.tier
+@pytest.mark.parametrize("in_host", [True, False])
+def test_every_policy_starts_from_the_same_adapter_state(in_host):
+    """Adapters in host memory before serving (the default), or all on disk: the same for
+    every policy, so no baseline alone pays first reads."""
+    for name in POLICIES:
+        m = CacheManager(make_cfg(device_blocks=20, host_blocks=8, adapters_in_host=in_host),
+                         get_policy(name))
+        assert m.register_adapter("a", adapter_bytes(2)).tier is (
+            Tier.HOST if in_host else Tier.DISK), name
         m.check_invariants()
-    assert tiers == {"fastlibra": Tier.HOST, "slora": Tier.HOST, "sglang": Tier.HOST,
-                     "vllm": Tier.DISK}
+
+
+def test_vllm_host_keeps_max_cpu_loras_adapters():
+    """max_cpu_loras defaults to max_loras: vLLM's CPU cache holds as many adapters as its
+    device slots (a 20 % share of 20 blocks = 4 blocks = two 2-block adapters)."""
+    m = CacheManager(make_cfg(device_blocks=20, host_blocks=8, adapters_in_host=True),
+                     get_policy("vllm"))
+    tiers = [m.register_adapter(n, adapter_bytes(2)).tier for n in "abc"]
+    assert tiers == [Tier.HOST, Tier.HOST, Tier.DISK]
+    # using c brings it to a device slot; a and b stay in host
+    run(m, "r1", "c", blocks(1))
+    assert [m.adapters[n].tier for n in "abc"] == [Tier.HOST, Tier.HOST, Tier.DEVICE]
+    run(m, "r2", "a", blocks(1), now=1.0)
+    # slots: c a     host: b
+    run(m, "r3", "b", blocks(1), now=2.0)
+    # b takes the least recent slot (c's); c goes to host, where b's blocks were
+    assert [m.adapters[n].tier for n in "abc"] == [Tier.DEVICE, Tier.DEVICE, Tier.HOST]
+    m.register_adapter("d", adapter_bytes(2))  # host has room for one more (cap 4 blocks)
+    assert m.adapters["d"].tier is Tier.HOST
+    run(m, "r5", "d", blocks(1), now=4.0)
+    # d takes a's slot (least recent); a goes to host, which is at its cap (c and d):
+    # the least recent host adapter, c, goes back to its file
+    assert [m.adapters[n].tier for n in "abcd"] == [
+        Tier.HOST, Tier.DEVICE, Tier.DISK, Tier.DEVICE]
+    assert m.host_pool.used(BlockKind.ADAPTER) <= m.host_adapter_cap == 4
+    m.check_invariants()
     # no room on host: the adapter stays on disk until first use
     m = CacheManager(make_cfg(device_blocks=20, host_blocks=1), get_policy("fastlibra"))
     assert m.register_adapter("a", adapter_bytes(2)).tier is Tier.DISK

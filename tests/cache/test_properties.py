@@ -78,7 +78,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.m: CacheManager | None = None
         self.now = 0.0
         self.running: dict[str, Running] = {}
-        self.queued: list[tuple[str | None, tuple[int, ...]]] = []
+        self.queued: list[str] = []  # request ids with queued demand
         self.ids = 0
 
     # -- setup -------------------------------------------------------------------------------
@@ -111,8 +111,9 @@ class CacheMachine(RuleBasedStateMachine):
             return
         new = m.register_adapter(name, adapter_bytes(nblocks))
         assert m.adapters[name] is new
-        if m.policy.adapters_in_host:  # read into host unless the host had no room for it
-            assert new.tier is Tier.HOST or m.host_pool.num_free < nblocks
+        if m.cfg.adapters_in_host:  # read into host unless the host had no room for it
+            assert new.tier is Tier.HOST or m.host_pool.num_free < nblocks \
+                or m.host_pool.used(BlockKind.ADAPTER) + nblocks > m.host_adapter_cap
         else:
             assert new.tier is Tier.DISK
         if old is not None:
@@ -210,16 +211,16 @@ class CacheMachine(RuleBasedStateMachine):
     def demand(self, adapter, prompt, i):
         """A request joins the queue (+1), or one that joined earlier leaves it (-1)."""
         if self.queued and i % 2:
-            adapter, prompt = self.queued.pop(i % len(self.queued))
-            if self._registered(adapter):
-                self.m.set_demand(adapter, prompt, -1)
+            self.m.remove_demand(self.queued.pop(i % len(self.queued)))
             return
+        rid = f"q{self.ids}"
+        self.ids += 1
         if not self._registered(adapter):
             with pytest.raises(UnknownAdapter):
-                self.m.set_demand(adapter, prompt, +1)
+                self.m.add_demand(rid, adapter, prompt)
             return
-        self.m.set_demand(adapter, prompt, +1)
-        self.queued.append((adapter, prompt))
+        self.m.add_demand(rid, adapter, prompt)
+        self.queued.append(rid)
 
     @rule(dt=steps, clear=st.integers(0, 15))
     def tick(self, dt, clear):

@@ -65,7 +65,7 @@ def test_below_the_low_watermark_a_queued_requests_node_is_prefetched(recorder):
     m, big = _four_leaves(recorder)
     m.tick(now=10.0)
     m.free(big, (), now=11.0)
-    m.set_demand("a", blocks(2) + (99,), +1)  # a queued request will reuse [2]
+    m.add_demand("q", "a", blocks(2) + (99,))  # a queued request will reuse [2]
     recorder.take()
     m.tick(now=12.0)
     m.check_invariants()
@@ -82,7 +82,7 @@ def test_a_request_that_hits_a_node_still_being_prefetched_waits_for_the_copy():
     m, big = _four_leaves(recorder)
     m.tick(now=10.0)
     m.free(big, (), now=11.0)
-    m.set_demand("a", blocks(2) + (99,), +1)
+    m.add_demand("q", "a", blocks(2) + (99,))
     m.tick(now=12.0)  # [2] starts coming back; the copy ends at 13
     alloc = m.allocate("r", "a", blocks(2) + (99,), now=12.5)
     assert (alloc.device_hit_tokens, alloc.ready_at) == (4, 13.0)
@@ -148,13 +148,17 @@ def test_prefetch_moves_at_most_max_prefetch_blocks_per_tick(recorder):
     assert [mv.node for mv in recorder.take_log()] == [n["Q"]]
 
 
-def test_prefetch_budget_is_never_exceeded_by_a_large_node(recorder):
-    # budget 2: Q (1 block) fits, then P (3 blocks) would overshoot the bound: it waits
+def test_a_node_larger_than_the_prefetch_budget_comes_alone_and_stalls_nothing(recorder):
+    # budget 2: Q (1 block) fits; P (3 blocks) does not fit what is left of the tick: it
+    # waits for the next one, which it takes alone (it could never fit a budget), and
+    # C, ranked behind it, follows on the tick after.
     m, n = _host_chain(recorder, low=0.9, max_prefetch_blocks=2)
-    m.tick(now=1.0)
-    m.check_invariants()
-    assert [mv.node for mv in recorder.take_log()] == [n["Q"]]
-    assert n["P"].tier is Tier.HOST
+    ticks = []
+    for now in (1.0, 1.1, 1.2):
+        m.tick(now=now)
+        m.check_invariants()
+        ticks.append([mv.node for mv in recorder.take_log()])
+    assert ticks == [[n["Q"]], [n["P"]], [n["C"]]]
 
 
 # -- a device victim meets a full host -------------------------------------------------------

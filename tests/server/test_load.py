@@ -10,7 +10,6 @@ import json
 import random
 
 import httpx
-import pytest
 import torch
 from liveserver import MODEL_NAME, live_server, words
 
@@ -48,7 +47,6 @@ async def one(client: httpx.AsyncClient, i: int, rng: random.Random) -> str:
         return "done" if finish == "length" else f"ended with {finish!r}"
 
 
-@pytest.mark.slow
 def test_500_streams_at_concurrency_32_with_disconnects_leave_no_running_blocks(
         tmp_path_factory):
     with live_server(tmp_path_factory, device_memory=128 * 1024,

@@ -11,7 +11,7 @@ from fastlibra.config import LoraShape, ModelShape
 from fastlibra.engine.request import Request
 from fastlibra.engine.scheduler import Batch
 from fastlibra.sim.profiles import GPUS, GiB, GpuSpec, SimProfile
-from fastlibra.sim.runner import IDLE_AFTER_S, SimRunner
+from fastlibra.sim.runner import IDLE_AFTER_S, SimMover, SimRunner
 
 TINY = ModelShape("tiny", num_layers=4, hidden_size=256, num_heads=8, num_kv_heads=2,
                   intermediate_size=688, dtype_bytes=4)
@@ -27,8 +27,9 @@ def decode_batch() -> Batch:
 
 def test_only_a_step_after_a_pause_pays_the_wake_up():
     wake = 0.002
-    runner = SimRunner(SimProfile(TINY, replace(CPU, idle_wake_s=wake), 1, LoraShape(8)))
-    plain = SimRunner(SimProfile(TINY, CPU, 1, LoraShape(8)))
+    profile = SimProfile(TINY, replace(CPU, idle_wake_s=wake), 1, LoraShape(8))
+    runner = SimRunner(profile, SimMover(profile))
+    plain = SimRunner(SimProfile(TINY, CPU, 1, LoraShape(8)), SimMover(profile))
     step = plain.execute(decode_batch(), 0.0).duration
     first = runner.execute(decode_batch(), 0.0).duration
     assert first == pytest.approx(step + wake)  # nothing ran before: idle
