@@ -7,16 +7,11 @@ import importlib
 from collections.abc import Callable
 
 from fastlibra.cache import CacheError
-from fastlibra.cache.policies import POLICIES
+from fastlibra.cache.policies import get_policy
 
 
 def _policies(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    for n in names:
-        if n not in POLICIES:
-            raise argparse.ArgumentTypeError(
-                f"unknown policy {n!r}; choose from {', '.join(POLICIES)}")
-    return names
+    return [_policy(p.strip()) for p in text.split(",") if p.strip()]
 
 
 def _floats(text: str) -> list[float]:
@@ -43,9 +38,11 @@ def _positive(kind: type) -> Callable[[str], int | float]:
 
 
 def _policy(text: str) -> str:
-    if text not in POLICIES:
-        raise argparse.ArgumentTypeError(
-            f"unknown policy {text!r}; choose from {', '.join(POLICIES)}")
+    """A policy name, or `NAME~mechanism...` (see `get_policy`)."""
+    try:
+        get_policy(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -194,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--device-memory", type=_bytes, default=None,
                      help="unified device pool, e.g. 20GiB (default: HBM - weights - 8%%)")
     sim.add_argument("--host-memory", type=_bytes, default=256 * 2**30)
+    sim.add_argument("--adapters-from-disk", action="store_true",
+                     help="every policy starts with all adapters on disk (default: all in "
+                          "host memory, read before serving)")
     sim.add_argument("--adapter-share", type=float, default=None,
                      help="static adapter share of device memory for vllm/sglang (default 0.2)")
     sim.add_argument("--output-json", metavar="FILE")
@@ -252,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--policy", type=_policies, default=["fastlibra"])
     cache.add_argument("--seed", type=int, default=0)
     cache.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    mech = bsub.add_parser("mechanisms", help="each cost-model mechanism on and off, on "
+                           "held-out seeds and a public trace")
+    mech.add_argument("--duration", type=_positive(float), default=60.0,
+                      help="seconds of arrivals per cell (default 60)")
+    mech.add_argument("--jobs", type=_positive(int), default=2)
+    mech.add_argument("--no-trace", action="store_true",
+                      help="skip the Mooncake trace cell (../shared/traces)")
+    mech.add_argument("--json", metavar="FILE")
+
     scale = bsub.add_parser("scale", help="1,000 and 2,000 adapters under random, distinct "
                             "and skewed popularity")
     scale.add_argument("--adapters", type=lambda t: [int(x) for x in t.split(",")],
@@ -372,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 _BENCHMARKS = {
     "cache": ("fastlibra.bench.cache", "run_cache_bench"),
     "scale": ("fastlibra.bench.scale", "run_scale"),
+    "mechanisms": ("fastlibra.bench.mechanisms", "run_mechanisms"),
     "paper": ("fastlibra.bench.paper", "run_paper"),
     "model": ("fastlibra.bench.model", "run_model_bench"),
     "replay": ("fastlibra.bench.replay", "run_replay"),

@@ -16,9 +16,9 @@
                  from the isolated forwards, and differently in each replay
     simulated    `simulate()` on the same requests with each replay's refitted profile (and,
                  for comparison, with the isolated one), the same device and host bytes,
-                 the real engine's scheduler settings (`max_batched_tokens=2048`,
-                 `layerwise_copies=False`: the real runner waits for a step's copies before
-                 its forward pass, not layer by layer) and its cost-model profile
+                 the real engine's scheduler settings (`max_batched_tokens=2048`; like
+                 the real runner, a step waits for its copies before its forward pass,
+                 not layer by layer) and its cost-model profile
                  (`HardwareProfile()`)
     reported     per policy real vs simulated mean TTFT and their relative error
                  (target: within 20 %), both fits, and request-by-request records of both

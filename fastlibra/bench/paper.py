@@ -71,9 +71,11 @@ ORACLE_FIRST_BATCH = 3
 FASTLIBRA = "fastlibra"
 ORACLE = "vllm-oracle"
 LOWER_BOUND = "lower-bound"
-RUN_POLICIES = ("fastlibra", "vllm", "slora", "sglang", "fastlibra-nodep", "fastlibra-lru")
+RUN_POLICIES = ("fastlibra", "vllm", "vllm-offload", "slora", "sglang", "sglang-hicache",
+                "fastlibra-nodep", "fastlibra-lru")
 ALL_POLICIES = RUN_POLICIES + (ORACLE, LOWER_BOUND)
-OTHERS = ("vllm", "slora", "sglang", ORACLE, "fastlibra-nodep", "fastlibra-lru")
+OTHERS = ("vllm", "vllm-offload", "slora", "sglang", "sglang-hicache", ORACLE,
+          "fastlibra-nodep", "fastlibra-lru")
 WORKLOADS = ("chatbot", "translation", "agent")
 ADAPTERS_FULL = (20, 50, 100, 200)
 ADAPTERS_QUICK = (20, 100)

@@ -64,6 +64,7 @@ def build_requests(workload: str, rate: float, num_adapters: int, zipf: float,
 def run_simulate(args) -> int:
     profile = named_profile(args.model, args.hardware, args.tp, args.adapter_rank)
     setup = SimSetup(profile, device_memory=args.device_memory, host_memory=args.host_memory,
+                     adapters_in_host=not args.adapters_from_disk,
                      adapter_share=args.adapter_share)
     cfg = setup.cache_config()
     print(f"{profile.model.name} on {args.tp} x {profile.gpu.name}: device pool {cfg.device_blocks} blocks "

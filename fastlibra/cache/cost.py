@@ -66,6 +66,15 @@ LEAF_CHANCE = 4.0
 (its own evidence has decayed to 1/16 by then)."""
 MAX_GHOSTS = 65536
 """Dropped KV nodes remembered (by position only, no blocks) to time their re-reference."""
+MECHANISMS = ("leaf-floor", "ghosts", "disk-wait", "adapter-half-life", "queued-demand")
+"""What the model learns or adds beyond decayed visits x miss penalty; each can be switched
+off (policy `fastlibra~ghosts` is fastlibra without ghosts) to measure what it pays:
+* leaf-floor: a new leaf's count starts at the learned reuse fraction of such leaves
+  (off: at one visit, like every other new node);
+* ghosts: dropped KV is remembered to time its re-reference gap (off: only survivors);
+* disk-wait: an adapter's disk penalty includes the learned queueing wait (off: bare read);
+* adapter-half-life: adapters decay with their own length-biased half-life (off: with KV's);
+* queued-demand: nodes a queued request needs rank above all others (off: history only)."""
 MIN_HALF_LIFE_S = 1.0
 """Floor of H: a prefix shared by many short requests is revisited every few steps, and
 an H that short would forget within a second how popular a node is."""
@@ -116,7 +125,13 @@ class HalfLife:
 class CostModel:
     """Miss penalties from the hardware profile, and time-invariant ranking keys."""
 
-    def __init__(self, cfg: CacheConfig, host_keeps_kv: bool) -> None:
+    def __init__(self, cfg: CacheConfig, host_keeps_kv: bool,
+                 without: frozenset[str] = frozenset()) -> None:
+        unknown = set(without) - set(MECHANISMS)
+        if unknown:
+            raise ValueError(f"unknown cost-model mechanism(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(MECHANISMS)}")
+        self.without = without
         self.cfg = cfg
         self.hw = cfg.hardware
         self.host_keeps_kv = host_keeps_kv
@@ -147,7 +162,9 @@ class CostModel:
                 "learned_disk_wait": self.disk_scale}
 
     def life(self, node: Node) -> HalfLife:
-        return self.adapter_life if isinstance(node, AdapterNode) else self.kv_life
+        if isinstance(node, AdapterNode) and "adapter-half-life" not in self.without:
+            return self.adapter_life
+        return self.kv_life
 
     def set_half_life(self, life: HalfLife, value: float) -> None:
         """Rank by a new H from now on (keys are rebuilt); the next revisits may move it."""
@@ -187,6 +204,8 @@ class CostModel:
         ghosts only nodes that survived are timed, and a short H evicts every node with a
         longer gap before its gap can be seen: H would learn its own bias."""
         assert node.parent is not None
+        if "ghosts" in self.without:
+            return
         self._ghosts[(node.parent.id, node.tokens[:self.cfg.block_size])] = node.t_last
         if len(self._ghosts) > MAX_GHOSTS:
             self._ghosts.popitem(last=False)
@@ -228,7 +247,7 @@ class CostModel:
         assert parent is not None
         share = self.reuse_rate(parent, now) / max(1, len(parent.children))
         node.speculative = share < 1.0  # learn from every such leaf, whatever the floor
-        node.freq = max(self.leaf_reuse, share)
+        node.freq = max(1.0 if "leaf-floor" in self.without else self.leaf_reuse, share)
         node.t_last = now
 
     def reuse_rate(self, node: Node, now: float) -> float:
@@ -247,6 +266,8 @@ class CostModel:
 
     def observe_load(self, node: AdapterNode, wait: float) -> None:
         """A read of `node` from disk was queued and is done `wait` seconds from now."""
+        if "disk-wait" in self.without:
+            return
         self.loads_seen += 1
         ratio = wait / self.hw.disk_load_time(node.nbytes)
         self.disk_wait = _running_mean(self.disk_wait, ratio, self.loads_seen)
@@ -293,9 +314,10 @@ class CostModel:
         kind's rate): lower = evict first. Time-invariant within a kind; `at` compares
         across kinds."""
         penalty = self.miss_penalty(node, tier) / max(1, node.num_blocks)
+        demand = 0 if "queued-demand" in self.without else node.demand
         if node.freq <= 0 or penalty <= 0:
-            return (node.demand, -math.inf)
-        return (node.demand,
+            return (demand, -math.inf)
+        return (demand,
                 math.log(node.freq) + self.life(node).rate * node.t_last + math.log(penalty))
 
     def at(self, node: Node, key: tuple[int, float], now: float) -> tuple[int, float]:

@@ -136,7 +136,8 @@ class CacheManager:
         self._queued: dict[str, Node] = {}
         """Queued request -> the deepest node its queued demand counts on."""
 
-        self.cost = CostModel(cfg, host_keeps_kv=self.policy.host_kv and cfg.host_blocks > 0)
+        self.cost = CostModel(cfg, host_keeps_kv=self.policy.host_kv and cfg.host_blocks > 0,
+                              without=self.policy.cost_without)
         self.swapper = Swapper(self, self.policy, self.cost, cfg.swapper)
         self.mover: Mover = mover if mover is not None else CountingMover()
         self.stats = CacheStats()

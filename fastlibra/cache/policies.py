@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from fastlibra.cache.cost import CostModel, lru_key
+from fastlibra.cache.cost import MECHANISMS, CostModel, lru_key
 from fastlibra.cache.pool import Tier
 from fastlibra.cache.tree import Node
 
@@ -81,6 +81,8 @@ class Policy:
     """Admission passes over a request whose adapter finds no free slot (every slot held by
     running requests) and admits the next, as vLLM v1's scheduler does; otherwise
     admission stops at the first request the cache cannot place."""
+    cost_without: frozenset[str] = frozenset()
+    """Cost-model mechanisms switched off (`cost.MECHANISMS`), to measure what each pays."""
     write_through: bool = False
     """KV is copied to the host tier when it is written (SGLang HiCache, vLLM's CPU
     offloading connector, LMCache), so evicting it to host frees its device blocks at
@@ -131,11 +133,23 @@ ABLATIONS = ("fastlibra-nodep", "fastlibra-lru")
 
 
 def get_policy(name: str, adapter_share: float | None = None) -> Policy:
-    """Look a policy up by name; `adapter_share` overrides a static policy's share."""
+    """Look a policy up by name; `adapter_share` overrides a static policy's share.
+    `NAME~m1~m2` is NAME with cost-model mechanisms m1, m2 switched off (`cost.MECHANISMS`),
+    e.g. `fastlibra~ghosts`."""
+    base, *without = name.split("~")
     try:
-        policy = POLICIES[name]
+        policy = POLICIES[base]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}") from None
+    if without:
+        if not policy.ranks_by_decay:
+            raise ValueError(f"policy {base!r} does not rank by the cost model; "
+                             "its mechanisms cannot be switched off")
+        unknown = set(without) - set(MECHANISMS)
+        if unknown:
+            raise ValueError(f"unknown cost-model mechanism(s) {sorted(unknown)} in {name!r}; "
+                             f"choose from {', '.join(MECHANISMS)}")
+        policy = replace(policy, name=name, cost_without=frozenset(without))
     if adapter_share is not None:
         if policy.adapter_share is None:
             raise ValueError(f"policy {name!r} has one unified pool; adapter_share does not apply")

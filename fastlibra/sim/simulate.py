@@ -33,6 +33,8 @@ class SimSetup:
     adapter_share: float | None = None
     """Override of the static adapter share of `vllm`/`sglang` (vllm-oracle sweeps it)."""
     decay_half_life_s: float = CacheConfig.decay_half_life_s
+    adapters_in_host: bool = True
+    """Every policy's starting state: adapters in host memory, or all on disk."""
     adapter_bytes: Mapping[str, int] | None = None
     """Bytes each named adapter books (a real engine's sizes, ranks differing); adapters
     not named, or all when None, take the profile's adapter size."""
@@ -46,7 +48,8 @@ class SimSetup:
                            device_blocks=device // block_bytes,
                            host_blocks=self.host_memory // block_bytes,
                            hardware=self.profile.hardware_profile(),
-                           decay_half_life_s=self.decay_half_life_s)
+                           decay_half_life_s=self.decay_half_life_s,
+                           adapters_in_host=self.adapters_in_host)
 
 
 def adapter_names(requests: list[Request]) -> list[str]:

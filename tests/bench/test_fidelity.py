@@ -136,7 +136,7 @@ def test_bench_fidelity_end_to_end_writes_the_json(tmp_path, capsys):
     for key in ("machine", "model", "workload", "budget", "profile", "scheduler", "policies",
                 "target"):
         assert key in doc
-    assert doc["scheduler"]["layerwise_copies"] is False
+    assert doc["scheduler"]["copy_join_s"] == pytest.approx(0.001)
     assert doc["profile"]["spec"]["name"] == "cpu"
     assert {"label", "measured_ms", "fitted_ms", "rel_error"} <= set(doc["profile"]["points"][0])
     assert set(doc["policies"]) == {"fastlibra", "vllm"}

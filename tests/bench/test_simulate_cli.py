@@ -148,3 +148,17 @@ def test_an_unknown_model_or_hardware_names_the_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["simulate", "--model", str(tmp_path)])  # a directory without config.json
     assert "config.json: file not found" in capsys.readouterr().err
+
+
+def test_adapters_from_disk_starts_every_policy_on_disk(tmp_path):
+    """The same starting state for every policy: from disk, each pays its first reads."""
+    loads = {}
+    for flag in ([], ["--adapters-from-disk"]):
+        out = tmp_path / f"sim{len(flag)}.json"
+        assert main(["simulate", "--workload", "chatbot", "--duration", "20", "--rate", "2",
+                     "--num-adapters", "5", "--policy", "fastlibra,sglang", "--device-memory",
+                     "4GiB", "--output-json", str(out), *flag]) == 0
+        doc = json.loads(out.read_text())
+        loads[bool(flag)] = {p: r["ttft_adapter"] for p, r in doc["policies"].items()}
+    for policy in ("fastlibra", "sglang"):
+        assert loads[True][policy] > loads[False][policy], policy

@@ -466,3 +466,55 @@ def test_queued_demand_stays_with_the_requests_still_waiting():
     m.remove_demand("B")
     assert z.demand == 0 and m.adapters["a"].demand == 0
     m.check_invariants()
+
+
+# -- each mechanism can be switched off (held-out validation in bench mechanisms) ----------
+
+def test_without_the_leaf_floor_a_new_leaf_starts_at_one_visit():
+    cost = CostModel(make_cfg(), host_keeps_kv=True, without=frozenset({"leaf-floor"}))
+    a = AdapterNode(parent=None, name="a", freq=1.0, t_last=0.0)
+    cost.leaf_reuse = 0.25  # as learned in the test above
+    leaf = _kv(a, 4)
+    a.children = {(i,): _kv(a, 4) for i in range(5)} | {(9,): leaf}
+    cost.inherit(leaf, now=0.0)
+    assert leaf.freq == 1.0  # with the floor: 0.25
+
+
+def test_without_ghosts_a_dropped_node_reports_no_gap():
+    m = make_manager("fastlibra~ghosts", device_blocks=8, host_blocks=0, adapters={"a": 2})
+    run(m, "x", "a", X + (9,), now=0.0)
+    run(m, "y", "a", Y + (9,), now=1.0)
+    run(m, "z", "a", blocks(5, 6) + (9,), now=2.0)  # X is dropped
+    run(m, "x2", "a", X + (9,), now=30.0)
+    assert m.cost.kv_life.seen == 0  # with ghosts: the 30 s gap
+
+
+def test_without_the_disk_wait_an_adapter_costs_its_bare_read():
+    from conftest import RecordingMover
+    m = make_manager("fastlibra~disk-wait", device_blocks=16, adapters={"a": 2})
+    bare = m.cfg.hardware.disk_load_time(m.adapter("a").nbytes)
+    m.mover = RecordingMover(delay=4 * bare)
+    run(m, "r", "a", blocks(1) + (7,), now=0.0)
+    assert m.cost.disk_scale == 1.0  # with the mechanism: 4.0
+
+
+def test_without_their_own_half_life_adapters_decay_with_kv():
+    m = make_manager("fastlibra~adapter-half-life", adapters={"a": 2})
+    assert m.cost.life(m.adapter("a")) is m.cost.kv_life
+    assert make_manager(adapters={"a": 2}).cost.life(m.adapter("a")) is not m.cost.kv_life
+
+
+def test_without_queued_demand_the_key_is_history_only():
+    m = make_manager("fastlibra~queued-demand", adapters={"a": 2})
+    m.add_demand("q", "a", (1, 2))
+    a = m.adapter("a")
+    assert a.demand == 1 and m.cost.key(a, Tier.HOST)[0] == 0
+
+
+def test_mechanism_names_are_checked():
+    from fastlibra.cache import get_policy
+    assert get_policy("fastlibra~ghosts~leaf-floor").cost_without == {"ghosts", "leaf-floor"}
+    with pytest.raises(ValueError, match=r"unknown cost-model mechanism\(s\) \['ghost'\]"):
+        get_policy("fastlibra~ghost")
+    with pytest.raises(ValueError, match="does not rank by the cost model"):
+        get_policy("vllm~ghosts")

@@ -45,8 +45,7 @@ def build(base, adapters, device_blocks=64, host_blocks=64, max_batched_tokens=6
     holder: dict[str, Engine] = {}
     executor = ModelExecutor(runner, lambda rid: holder["e"].scheduler.allocs[rid],
                              wait_for=mover.wait_for)
-    engine = Engine(SchedulerConfig(max_batched_tokens=max_batched_tokens,
-                                    layerwise_copies=False), cache, executor)
+    engine = Engine(SchedulerConfig(max_batched_tokens=max_batched_tokens), cache, executor)
     holder["e"] = engine
     return engine, cache, mover, runner
 
