@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "real time on the real engine (random Llama + PEFT adapters), "
                              "once per policy, same device budget")
     _workload_args(replay)
+    replay.add_argument("--rates", type=_floats, default=None,
+                        help="sweep these session rates instead of --rate: mean TTFT per "
+                             "policy and rate, and each policy's peak load (the highest rate "
+                             "with mean TTFT < 500 ms)")
 
     fid = bsub.add_parser("fidelity", help="the simulator against the real engine: bench "
                           "replay per policy, a CPU profile fitted to the real runner, then "

@@ -291,6 +291,8 @@ def run_replay(args) -> int:
                 f"{time.perf_counter() - t:.1f} s; adapters {ad_bytes / 2**20:.2f} MiB, KV "
                 f"{kv_tok} B/token; device budget {device / 2**20:.2f} MiB "
                 f"({device // (BLOCK_SIZE * kv_tok)} blocks), host {host / 2**20:.2f} MiB")
+        if args.rates:
+            return _rate_sweep(args, base, adapters, device, host)
         runs: dict[str, list[dict]] = {p: [] for p in args.policy}
         for rep in range(args.repeats):  # policies interleaved, so drift hits all alike
             for policy in args.policy:
@@ -330,4 +332,43 @@ def run_replay(args) -> int:
     if args.json:
         out["requests"] = {p: r["requests_detail"] for p, r in results.items()}
         write_json(args.json, out, _status)
+    return 0
+
+
+def _rate_sweep(args, base: Path, adapters: dict[str, Path], device: int, host: int) -> int:
+    """Every policy at every rate (policies interleaved per rate, so drift of a shared
+    machine hits all alike); peak load as `bench paper` computes it."""
+    from fastlibra.bench.paper import THRESHOLD_S, peak_load
+
+    ttft: dict[str, dict[float, float]] = {p: {} for p in args.policy}
+    for rate in sorted(args.rates):
+        at_rate = copy.copy(args)
+        at_rate.rate = rate
+        firsts = make_workload(workload_spec(at_rate))
+        for policy in args.policy:
+            _status(f"rate {rate:g}/s: replaying through {policy} (real time)")
+            r = replay_policy(policy, base, adapters, [x.fresh_copy() for x in firsts], args,
+                              device, host)
+            ttft[policy][rate] = r["ttft_mean_ms"] / 1e3
+    peaks = {p: peak_load(list(v), list(v.values()), THRESHOLD_S) for p, v in ttft.items()}
+    print(f"{'policy':<12}" + "".join(f"{r:>9g}/s" for r in sorted(args.rates))
+          + f"{'peak load':>12}")
+    for p, by_rate in ttft.items():
+        rate, censored = peaks[p]
+        mark = {"above": ">=", "below": "<", None: ""}[censored]
+        print(f"{p:<12}" + "".join(f"{1e3 * t:>9.0f}ms" for t in by_rate.values())
+              + f"{mark:>6}{rate:>6.2f}/s")
+    print(f"mean TTFT per session rate; peak load = highest rate with mean TTFT < "
+          f"{THRESHOLD_S * 1e3:.0f} ms (interpolated; >= / < = beyond the measured rates)")
+    if "fastlibra" in peaks:
+        for p, (rate, _) in peaks.items():
+            if p != "fastlibra":
+                print(f"fastlibra peak load / {p}: {peaks['fastlibra'][0] / rate:.2f}x")
+    if args.json:
+        write_json(args.json, {
+            "machine": run_facts(args.threads), "rates": sorted(args.rates),
+            "budget": {"device_bytes": device, "host_bytes": host},
+            "ttft_mean_s": {p: {str(r): t for r, t in v.items()} for p, v in ttft.items()},
+            "peak_load": {p: {"rate": r, "censored": c} for p, (r, c) in peaks.items()}},
+            _status)
     return 0

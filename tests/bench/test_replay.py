@@ -113,3 +113,18 @@ def test_bench_fidelity_refuses_a_device_or_dtype_it_cannot_profile(capsys):
         main(["bench", "fidelity", *TINY, "--dtype", "bfloat16"])
     assert exit_.value.code == 2
     assert "measures its `cpu` profile on the CPU in float32" in capsys.readouterr().err
+
+
+def test_bench_replay_sweeps_rates_and_reports_peak_loads(tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert main(["bench", "replay", *TINY, "--rates", "1,4", "--policy", "fastlibra,vllm",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["rates"] == [1.0, 4.0]
+    for policy in ("fastlibra", "vllm"):
+        assert set(res["ttft_mean_s"][policy]) == {"1.0", "4.0"}
+        assert all(positive(t) for t in res["ttft_mean_s"][policy].values())
+        peak = res["peak_load"][policy]
+        # a tiny model answers well under 500 ms at both rates: censored above the top rate
+        assert (peak["rate"], peak["censored"]) == (4.0, "above")
+    assert "fastlibra peak load / vllm: 1.00x" in capsys.readouterr().out
