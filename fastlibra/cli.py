@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from collections.abc import Callable
 
 from fastlibra.cache import CacheError
@@ -46,11 +47,24 @@ def _policy(text: str) -> str:
     return text
 
 
-def _adapter_arg(text: str) -> tuple[str, str]:
+def _lora_module(text: str) -> tuple[str, str, str | None]:
+    """vLLM's --lora-modules item: NAME=PATH, or JSON {"name", "path", "base_model_name"}."""
+    if text.lstrip().startswith("{"):
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e}") from None
+        unknown = set(spec) - {"name", "path", "base_model_name"}
+        if unknown or not isinstance(spec.get("name"), str) or not spec["name"] \
+                or not isinstance(spec.get("path"), str) or not spec["path"]:
+            raise argparse.ArgumentTypeError(
+                f'expected {{"name": ..., "path": ..., "base_model_name": ...}}, got {text!r}'
+                + (f" (unknown keys: {', '.join(sorted(unknown))})" if unknown else ""))
+        return spec["name"], spec["path"], spec.get("base_model_name")
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH or a JSON object, got {text!r}")
+    return name, path, None
 
 
 _UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -72,28 +86,103 @@ def _bytes(text: str) -> int:
     return int(value)
 
 
+DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+"""vLLM's --dtype choices; auto = bfloat16 on CUDA, float32 on CPU."""
+
+
+class _Refused(argparse.Action):
+    """A vLLM flag this engine cannot honour: an error naming it, never ignored."""
+
+    def __init__(self, option_strings, dest, hint: str, **kw) -> None:
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kw)
+        self.hint = hint
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} (a vLLM flag) is not supported: {self.hint}")
+
+
+VLLM_REFUSED = {
+    "--gpu-memory-utilization": "size the device pool with --device-memory (e.g. 20GiB)",
+    "--cpu-offload-gb": "weights stay on the device; the host tier (--swap-space) holds "
+                        "adapters and KV",
+    "--pipeline-parallel-size": "one engine runs on one device",
+    "--quantization": "weights load unquantized in --dtype",
+    "--kv-cache-dtype": "KV is stored in --dtype",
+    "--trust-remote-code": "only Llama, Mistral and Qwen2 architectures load; no model "
+                           "code is run from the directory",
+}
+
+
 def _engine_args(parser: argparse.ArgumentParser) -> None:
-    """The model, its adapters and the engine's memory: shared by generate and serve."""
-    parser.add_argument("--model", required=True, metavar="DIR", help="model directory "
+    """The model, its adapters and the engine's memory: shared by generate and serve.
+    Flags spelt as vLLM's mean what vLLM means by them (see the README)."""
+    parser.add_argument("model_tag", nargs="?", metavar="MODEL", help="model directory "
                         "(config.json, *.safetensors, tokenizer files)")
-    parser.add_argument("--adapter", action="append", default=[], type=_adapter_arg,
-                        metavar="NAME=PATH", help="register a PEFT adapter (repeatable)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--model", default=None, metavar="DIR", help="the same as MODEL")
+    parser.add_argument("--lora-modules", "--adapter", nargs="+", action="extend", default=[],
+                        type=_lora_module, metavar="NAME=PATH",
+                        help="PEFT adapters to serve: NAME=PATH or JSON {\"name\", \"path\", "
+                        "\"base_model_name\"} (several, repeatable)")
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="accepted for vLLM command lines: adapters are always on")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="default auto: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--device-memory", type=_bytes, default=None,
                         help="device pool for KV and adapters, e.g. 4GiB")
-    parser.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
-    parser.add_argument("--block-size", type=int, default=16)
+    host = parser.add_mutually_exclusive_group()
+    host.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
+    host.add_argument("--swap-space", type=_positive(float), default=None, metavar="GIB",
+                      help="host pool in GiB (vLLM's flag; the same as --host-memory)")
+    parser.add_argument("--block-size", type=_positive(int), default=16)
     parser.add_argument("--policy", type=_policy, default="fastlibra")
+    parser.add_argument("--max-loras", type=_positive(int), default=None,
+                        help="most distinct adapters in one batch (default: no limit)")
+    parser.add_argument("--max-lora-rank", type=_positive(int), default=256)
+    parser.add_argument("--max-cpu-loras", type=_positive(int), default=None,
+                        help="the host pool holds at least this many of the adapters given "
+                        "(grown if its size is not given)")
+    parser.add_argument("--max-model-len", type=_positive(int), default=None,
+                        help="context length (default: the model's max_position_embeddings)")
+    parser.add_argument("--max-num-seqs", type=_positive(int), default=256)
+    parser.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True, help="keep KV for later requests (default on)")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1,
+                        help="only 1: one engine runs on one device")
+    for flag, hint in VLLM_REFUSED.items():
+        parser.add_argument(flag, action=_Refused, hint=hint)
 
 
-def _named_adapters(pairs: list[tuple[str, str]]) -> dict[str, str]:
-    names = [name for name, _ in pairs]
+def _model_dir(args, parser: argparse.ArgumentParser) -> str:
+    if args.model_tag and args.model and args.model_tag != args.model:
+        parser.error(f"two models given: {args.model_tag} and --model {args.model}")
+    model = args.model_tag or args.model
+    if not model:
+        parser.error("the model directory is required (MODEL or --model DIR)")
+    return model
+
+
+def _llm_args(args) -> dict:
+    """`LLM` keyword arguments from `_engine_args`'s flags."""
+    if args.tensor_parallel_size != 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}: one engine runs "
+                         "on one device here (tensor parallelism is not implemented)")
+    return dict(device_memory=args.device_memory, host_memory=args.host_memory,
+                swap_space=args.swap_space, policy=args.policy, dtype=args.dtype,
+                device=args.device, block_size=args.block_size, max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
+                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                enable_prefix_caching=args.enable_prefix_caching)
+
+
+def _named_adapters(modules: list[tuple[str, str, str | None]]) -> dict[str, str]:
+    names = [name for name, _, _ in modules]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ValueError(f"--adapter given twice for {', '.join(dup)}")
-    return dict(pairs)
+        raise ValueError(f"--lora-modules names {', '.join(dup)} twice")
+    return {name: path for name, path, _ in modules}
 
 
 def _session_args(parser: argparse.ArgumentParser) -> None:
@@ -237,10 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
                        help="allow /v1/load_lora_adapter to read adapters under DIR "
                        "(repeatable; none = dynamic loading off)")
-    serve.add_argument("--served-model-name", default=None,
-                       help="the base model's id in requests (default: --model as given)")
-    serve.add_argument("--max-num-seqs", type=int, default=256)
-    serve.add_argument("--max-lora-rank", type=int, default=256)
+    serve.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="the base model's id in requests (default: MODEL as given); "
+                       "further names are aliases")
+    serve.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                       help="a Jinja chat template (file or text) instead of the tokenizer's")
+    serve.add_argument("--seed", type=int, default=None,
+                       help="seed of the sampling RNG for requests without their own seed")
+    serve.add_argument("--uvicorn-log-level", default="warning",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"])
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -376,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in ("serve", "generate"):
+        args.model_dir = _model_dir(args, parser)
     try:
         return _dispatch(args)
     except (ValueError, OSError, CacheError) as e:  # ConfigError, TraceError, missing files
@@ -415,14 +511,16 @@ def _dispatch(args) -> int:
         from pathlib import Path
 
         from fastlibra.server import ServerConfig, run_server
+        names = args.served_model_name or [None]
         run_server(ServerConfig(
-            Path(args.model), {k: Path(v) for k, v in _named_adapters(args.adapter).items()},
-            host=args.host, port=args.port, policy=args.policy,
-            device_memory=args.device_memory, host_memory=args.host_memory,
-            api_key=args.api_key, adapter_roots=tuple(Path(r) for r in args.adapter_root),
-            served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
-            block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_lora_rank=args.max_lora_rank))
+            Path(args.model_dir), {k: Path(v) for k, v in _named_adapters(args.lora_modules).items()},
+            host=args.host, port=args.port, api_key=args.api_key,
+            adapter_roots=tuple(Path(r) for r in args.adapter_root),
+            served_model_name=names[0], model_aliases=tuple(names[1:]),
+            adapter_parents={n: b for n, _, b in args.lora_modules if b},
+            chat_template=_chat_template(args.chat_template),
+            uvicorn_log_level=args.uvicorn_log_level,
+            engine_args=_llm_args(args) | {"seed": args.seed}))
         return 0
     if args.command == "bench":
         module, function = _BENCHMARKS[args.bench]
@@ -430,19 +528,29 @@ def _dispatch(args) -> int:
     raise AssertionError(args)
 
 
-def _generate(args) -> int:
-    import json
+def _chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the template itself (vLLM takes either)."""
+    if value is None:
+        return None
+    from pathlib import Path
 
+    path = Path(value)
+    if path.is_file():
+        return path.read_text()
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value}: no such file (and not a Jinja template)")
+    return value
+
+
+def _generate(args) -> int:
     from fastlibra.llm import LLM
     from fastlibra.model.sampling import SamplingParams
 
-    adapters = _named_adapters(args.adapter)
+    adapters = _named_adapters(args.lora_modules)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop))
-    llm = LLM(args.model, adapters, device_memory=args.device_memory,
-              host_memory=args.host_memory, policy=args.policy, dtype=args.dtype,
-              device=args.device, block_size=args.block_size)
-    (out,) = llm.generate(args.prompt, adapter=args.use_adapter, sampling=sampling)
+    llm = LLM(args.model_dir, adapters, **_llm_args(args))
+    (out,) = llm.generate(args.prompt, sampling, adapter=args.use_adapter)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids,
                           "finish_reason": out.finish_reason}))

@@ -240,8 +240,14 @@ class SchedulerConfig:
     out the step while others run. The real runner copies whole blocks before a step (no
     per-layer waits), and the simulator charges exactly that. A swap-in of a few KV blocks
     takes microseconds; a step, milliseconds."""
+    max_loras: int | None = None
+    """Distinct adapters at most among running requests (vLLM's `max_loras`: the base
+    model does not count); a queued request whose adapter would exceed it is passed
+    over, and the requests behind it may start. None = no limit."""
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs > 0, "SchedulerConfig.max_num_seqs must be positive")
         _require(self.max_batched_tokens > 0,
                  "SchedulerConfig.max_batched_tokens must be positive")
+        _require(self.max_loras is None or self.max_loras > 0,
+                 f"SchedulerConfig.max_loras must be positive, got {self.max_loras}")

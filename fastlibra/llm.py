@@ -21,12 +21,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from fastlibra.cache import CacheError, CacheManager, Policy, UnknownAdapter
+from fastlibra.cache import CacheError, CacheManager, Policy, UnknownAdapter, get_policy
 from fastlibra.config import CacheConfig, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
@@ -40,11 +40,32 @@ from fastlibra.model.sampling import (
 )
 
 Prompt = str | Sequence[int]
-def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048) -> SchedulerConfig:
+def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048,
+                     max_loras: int | None = None) -> SchedulerConfig:
     """How `LLM` batches; the simulator reproduces the real engine with this same config
     (`bench fidelity`)."""
-    return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
+    return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
+                           max_loras=max_loras)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+VLLM_DTYPES = {"auto": None, "half": "float16", "float": "float32"}
+"""vLLM's --dtype spellings that are not ours."""
+
+
+def _check_engine_args(enable_lora: bool, tensor_parallel_size: int, max_loras: int | None,
+                       max_cpu_loras: int | None) -> None:
+    """vLLM's engine arguments this engine cannot honour are refused, never ignored."""
+    if enable_lora is not True:
+        raise ValueError("enable_lora=False is not supported: FastLibra always serves "
+                         "adapters (leave it True)")
+    if tensor_parallel_size != 1:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size}: one engine runs on "
+                         "one device here; run replicas instead (tensor parallelism is "
+                         "not implemented)")
+    if max_loras is not None and max_loras < 1:
+        raise ValueError(f"max_loras={max_loras} must be at least 1")
+    if max_cpu_loras is not None and max_cpu_loras < (max_loras or 1):
+        raise ValueError(f"max_cpu_loras={max_cpu_loras} must be at least max_loras "
+                         f"({max_loras or 1})")
 
 
 class PromptTooLong(ValueError):
@@ -52,8 +73,19 @@ class PromptTooLong(ValueError):
 
 
 @dataclass
+class CompletionOutput:
+    """One generated sequence, shaped like vLLM's `CompletionOutput`."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+@dataclass
 class Output:
-    """A finished request."""
+    """A finished request. `outputs[0]`, `prompt` and `prompt_token_ids` read as vLLM's
+    `RequestOutput` does; `text`, `token_ids` and `finish_reason` are also here."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -71,6 +103,36 @@ class Output:
     """Mean seconds per output token after the first (None with fewer than two)."""
     e2e: float = 0.0
     """Seconds from arrival to finish (or abort)."""
+    prompt: str | None = None
+    """The prompt as text, when it was given as text."""
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason)]
+
+    @property
+    def finished(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's adapter handle: a name, a unique id >= 1 and the PEFT directory. The first
+    request that names it loads it (`LLM.add_adapter`); later ones reuse it."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+    base_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise TypeError(f"LoRARequest.lora_name must be a non-empty str, got "
+                            f"{self.lora_name!r}")
+        if isinstance(self.lora_int_id, bool) or not isinstance(self.lora_int_id, int) \
+                or self.lora_int_id < 1:
+            raise TypeError(f"LoRARequest.lora_int_id must be an int >= 1, got "
+                            f"{self.lora_int_id!r}")
 
 
 @dataclass
@@ -106,6 +168,7 @@ class EngineStats:
 class _Live:
     request: Request
     tracker: OutputTracker
+    prompt: str | None = None
 
 
 class LLM:
@@ -114,27 +177,58 @@ class LLM:
     `adapters` maps names to PEFT directories (each is read and checked here, then
     loaded on demand by the cache). `device_memory` / `host_memory` are bytes for the
     device and host pools (default: 80 % of free GPU memory after the weights, or
-    256 MiB on CPU; host: the device size, at most 4 GiB)."""
+    256 MiB on CPU; host: the device size, at most 4 GiB).
 
-    def __init__(self, model_dir: str | Path, adapters: dict[str, str | Path] | None = None, *,
+    vLLM's engine arguments mean here what they mean there: `max_loras` (distinct
+    adapters in one batch; default no limit), `max_lora_rank`, `max_cpu_loras` (the host
+    tier holds at least this many of the start-up adapters when its size is not given),
+    `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `dtype`
+    ("auto" = bfloat16 on CUDA, float32 on CPU), `seed` (the RNG of unseeded requests),
+    `enable_prefix_caching` (False = no KV kept across requests), `swap_space` (GiB of
+    host tier). `enable_lora` must stay True: adapters are always on."""
+
+    def __init__(self, model: str | Path, adapters: dict[str, str | Path] | None = None, *,
                  device_memory: int | None = None, host_memory: int | None = None,
                  policy: str | Policy = "fastlibra", dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None, block_size: int = 16,
-                 max_num_seqs: int = 256, max_batched_tokens: int = 2048,
-                 max_lora_rank: int = 256, tokenizer=None) -> None:
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 max_lora_rank: int = 256, tokenizer=None, enable_lora: bool = True,
+                 max_loras: int | None = None, max_cpu_loras: int | None = None,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True,
+                 swap_space: float | None = None, seed: int | None = None,
+                 tensor_parallel_size: int = 1) -> None:
         self._t0 = time.perf_counter()
+        _check_engine_args(enable_lora, tensor_parallel_size, max_loras, max_cpu_loras)
+        if swap_space is not None:
+            if host_memory is not None:
+                raise ValueError("give the host tier as swap_space (GiB) or host_memory "
+                                 "(bytes), not both")
+            host_memory = int(swap_space * 2**30)
+        if seed is not None:
+            torch.manual_seed(seed)
+        policy = get_policy(policy) if isinstance(policy, str) else policy
+        if not enable_prefix_caching:
+            policy = replace(policy, reuse_kv=False, host_kv=False)
         dev = torch.device(device) if device is not None else default_device()
+        dtype = VLLM_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         dt = resolve_dtype(dtype if dtype is not None else
                            ("bfloat16" if dev.type == "cuda" else "float32"))
-        self.weights = load_model(model_dir, dtype=dt, device=dev)
+        self.weights = load_model(model, dtype=dt, device=dev)
         cfg = self.weights.config
         self.model_config = cfg
         self.max_model_len = cfg.max_position_embeddings
+        if max_model_len is not None:
+            if not 1 < max_model_len <= cfg.max_position_embeddings:
+                raise ValueError(f"max_model_len={max_model_len} must be in 2.."
+                                 f"{cfg.max_position_embeddings} (the model's "
+                                 "max_position_embeddings)")
+            self.max_model_len = max_model_len
         shape = cfg.shape(dtype_bytes=torch.empty((), dtype=dt).element_size())
         self.block_bytes = block_bytes = block_size * shape.kv_bytes_per_token
         if device_memory is None:
             device_memory = (int(0.8 * torch.cuda.mem_get_info(dev)[0]) if dev.type == "cuda"
                              else 256 * 2**20)
+        host_given = host_memory is not None
         if host_memory is None:
             host_memory = min(device_memory, 4 * 2**30)
         device_blocks = device_memory // block_bytes
@@ -148,6 +242,14 @@ class LLM:
                                 clock=self._clock)
         sizes = {name: self.mover.read_adapter(name, path)  # read and check each one now
                  for name, path in (adapters or {}).items()}
+        if max_cpu_loras is not None and sizes:
+            need = max_cpu_loras * -(-max(sizes.values()) // block_bytes)
+            if host_given and host_blocks < need:
+                raise CacheError(f"max_cpu_loras={max_cpu_loras} adapters need {need} host "
+                                 f"blocks; the host tier has {host_blocks}: give it more")
+            if need > host_blocks:
+                host_blocks = need
+                self.mover.resize_host(host_blocks)
         self.cache = CacheManager(CacheConfig(model=shape, device_blocks=device_blocks,
                                               host_blocks=host_blocks, block_size=block_size),
                                   policy, mover=self.mover)
@@ -158,9 +260,9 @@ class LLM:
         self.mover.sync_adapters(self.cache)  # policies that start adapters in host memory
         self.executor = ModelExecutor(self.runner, self._alloc, clock=self._clock,
                                       wait_for=self.mover.wait_for)
-        self.engine = Engine(scheduler_config(max_num_seqs, max_batched_tokens),
+        self.engine = Engine(scheduler_config(max_num_seqs, max_num_batched_tokens, max_loras),
                              self.cache, self.executor)
-        self.tokenizer = _load_tokenizer(tokenizer, Path(model_dir))
+        self.tokenizer = _load_tokenizer(tokenizer, Path(model))
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -170,6 +272,8 @@ class LLM:
         self._done: dict[str, Output] = {}
         self._draining: set[str] = set()
         """Adapters being unloaded: no new requests; unregistered when their last ends."""
+        self._lora_ids: dict[int, str] = {}
+        """`LoRARequest.lora_int_id` -> adapter name, so an id names one adapter."""
 
     def _clock(self) -> float:
         return time.perf_counter() - self._t0
@@ -260,7 +364,7 @@ class LLM:
         if len(ids) >= self.max_model_len:
             raise PromptTooLong(
                 f"the prompt has {len(ids)} tokens but the model's context is "
-                f"{self.max_model_len} tokens (max_position_embeddings); at most "
+                f"{self.max_model_len} tokens (max_model_len); at most "
                 f"{self.max_model_len - 1} prompt tokens leave room to generate")
         max_new = min(params.max_tokens, self.max_model_len - len(ids))
         self.cache.check_fits(adapter, len(ids) + max_new)
@@ -271,10 +375,11 @@ class LLM:
                     request_id: str | None = None) -> str:
         """Queue one request now; returns its id. Raises before queueing anything if the
         adapter is unknown, the prompt too long or the request can never fit."""
-        return self._submit(*self._prepare(prompt, adapter, sampling), request_id)
+        return self._submit(*self._prepare(prompt, adapter, sampling), request_id,
+                            prompt=prompt if isinstance(prompt, str) else None)
 
     def _submit(self, ids: list[int], adapter: str | None, params: SamplingParams,
-                max_new: int, request_id: str | None = None) -> str:
+                max_new: int, request_id: str | None = None, prompt: str | None = None) -> str:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._live:
             raise ValueError(f"request id {rid!r} is already running")
@@ -282,7 +387,8 @@ class LLM:
         req = Request(rid, ids, max_new, arrival=self.engine.now, adapter=adapter)
         detok = (IncrementalDetokenizer(self.tokenizer, ids)
                  if self.tokenizer is not None else None)
-        self._live[rid] = _Live(req, OutputTracker(params, max_new, detok, self.eos_token_ids))
+        self._live[rid] = _Live(req, OutputTracker(params, max_new, detok, self.eos_token_ids),
+                                prompt)
         self.executor.set_sampling(rid, params)
         # It arrives now: straight into the scheduler's queue (abort can then find it).
         self.engine.scheduler.add(req, self.engine.now)
@@ -337,7 +443,7 @@ class LLM:
             tr.finish_reason or "abort", req.adapter, req.cached_tokens, ttft=req.ttft,
             tpot=(now - req.t_first_token) / (len(tr.token_ids) - 1)
             if req.t_first_token is not None and len(tr.token_ids) > 1 else None,
-            e2e=now - req.arrival)
+            e2e=now - req.arrival, prompt=live.prompt)
         if req.adapter in self._draining:
             self._reap_drained()
 
@@ -361,30 +467,117 @@ class LLM:
         return self._done.pop(request_id, None)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, *,
                  adapter: str | None | Sequence[str | None] = None,
-                 sampling: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[Output]:
-        """Run prompts to completion, batched together; outputs in prompt order. `adapter`
-        and `sampling` are one for all prompts or one per prompt."""
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
+                 use_tqdm: bool = True) -> list[Output]:
+        """Run prompts to completion, batched together; outputs in prompt order, as vLLM's
+        `LLM.generate`. A prompt is text, token ids, or a dict with "prompt" or
+        "prompt_token_ids". The adapter is a `lora_request` (vLLM's form: loaded on first
+        use) or a registered name in `adapter`; each argument is one for all prompts or
+        one per prompt. `use_tqdm` is accepted (no progress bar is drawn)."""
+        batch = _prompt_list(prompts)
+        params = _per_prompt(sampling_params, len(batch), "sampling_params",
+                             (SamplingParams, type(None)))
+        if lora_request is not None:
+            if adapter is not None:
+                raise ValueError("give the adapter as lora_request or adapter, not both")
+            adapter = [self._lora(r) for r in _per_prompt(
+                lora_request, len(batch), "lora_request", (LoRARequest, type(None)))]
         adapters = _per_prompt(adapter, len(batch), "adapter", (str, type(None)))
-        params = _per_prompt(sampling, len(batch), "sampling", (SamplingParams, type(None)))
         prepared = [self._prepare(p, a, s) for p, a, s in zip(batch, adapters, params,
                                                                strict=True)]
-        rids = [self._submit(*prep) for prep in prepared]
+        rids = [self._submit(*prep, prompt=p if isinstance(p, str) else None)
+                for prep, p in zip(prepared, batch, strict=True)]
         while any(rid in self._live for rid in rids):
             self.step()
         return [self._done.pop(rid) for rid in rids]
+
+    def chat(self, messages: Sequence[dict] | Sequence[Sequence[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None, *,
+             adapter: str | None | Sequence[str | None] = None,
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = True) -> list[Output]:
+        """vLLM's `LLM.chat`: one conversation (a list of {"role", "content"} dicts) or a
+        list of them, rendered with the tokenizer's chat template (or `chat_template`),
+        then generated as `generate` does."""
+        if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+            raise TypeError("messages must be a non-empty list of {'role', 'content'} dicts, "
+                            f"or a list of such lists; got {type(messages).__name__}")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, chat_template, add_generation_prompt) for c in convs]
+        return self.generate(prompts, sampling_params, lora_request, adapter=adapter)
+
+    def render_chat(self, conversation: Sequence[dict], chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation under the chat template."""
+        if any(not isinstance(m, dict) for m in conversation):
+            raise TypeError("each conversation must be a list of {'role', 'content'} dicts")
+        tok = self.tokenizer
+        if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
+            raise ValueError("this model has no chat template (tokenizer_config.json "
+                             "chat_template); pass chat_template= or use generate")
+        return tok.apply_chat_template(list(conversation), chat_template=chat_template,
+                                       add_generation_prompt=add_generation_prompt,
+                                       tokenize=False)
+
+    def _lora(self, request: LoRARequest | None) -> str | None:
+        """The adapter name of a `LoRARequest`, loading its directory the first time."""
+        if request is None:
+            return None
+        name = request.lora_name
+        known = self._lora_ids.setdefault(request.lora_int_id, name)
+        if known != name:
+            raise ValueError(f"lora_int_id {request.lora_int_id} is already adapter "
+                             f"{known!r}; give {name!r} another id")
+        path = self.mover.adapter_paths.get(name)
+        if path is None:
+            self.add_adapter(name, request.lora_path)
+        elif request.lora_path and Path(request.lora_path).resolve() != path.resolve():
+            raise ValueError(f"adapter {name!r} is already loaded from {path}, not "
+                             f"{request.lora_path}")
+        return name
+
+
+def _prompt_list(prompts) -> list[Prompt]:
+    """One prompt or a batch of them as a list of text / token-id prompts."""
+    def one(p) -> Prompt:
+        if isinstance(p, dict):
+            if "prompt_token_ids" in p:
+                return list(p["prompt_token_ids"])
+            if isinstance(p.get("prompt"), str):
+                return p["prompt"]
+        elif isinstance(p, str) or (isinstance(p, Sequence) and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in p)):
+            return p
+        raise TypeError("a prompt must be a str, a list of token ids, or a dict with "
+                        f"'prompt' or 'prompt_token_ids'; got {p!r:.80}")
+
+    if isinstance(prompts, str | dict) or (isinstance(prompts, Sequence) and len(prompts) > 0
+                                           and isinstance(prompts[0], int)):
+        return [one(prompts)]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a prompt or a list of prompts, got "
+                        f"{type(prompts).__name__}")
+    return [one(p) for p in prompts]
 
 
 def _per_prompt(value, n: int, name: str, scalar: tuple[type, ...]) -> list:
     if isinstance(value, scalar):
         return [value] * n
+    expected = " or ".join("None" if t is type(None) else t.__name__ for t in scalar)
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be {expected}, or a list of them (one per prompt); "
+                        f"got {type(value).__name__} {value!r:.60}")
     values = list(value)
     if len(values) != n:
         raise ValueError(f"{len(values)} {name} values for {n} prompts; give one, or one "
                          "per prompt")
+    bad = [v for v in values if not isinstance(v, scalar)]
+    if bad:
+        raise TypeError(f"{name} must be {expected}, or a list of them; got "
+                        f"{type(bad[0]).__name__} {bad[0]!r:.60}")
     return values
 
 

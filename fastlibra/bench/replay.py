@@ -105,7 +105,7 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
     llm = LLM(base, {k: str(v) for k, v in adapters.items()}, device_memory=device_memory,
               host_memory=host_memory, policy=policy, dtype=args.dtype, device=args.device,
               block_size=BLOCK_SIZE, max_lora_rank=max(args.rank_hi, args.rank_lo))
-    llm.generate([5, 6, 7, 8], sampling=SamplingParams(temperature=0.0, max_tokens=2,
+    llm.generate([5, 6, 7, 8], sampling_params=SamplingParams(temperature=0.0, max_tokens=2,
                                                        ignore_eos=True))  # warm-up, base model
     stats0 = copy.deepcopy(llm.cache.stats)
     if step_log is not None:

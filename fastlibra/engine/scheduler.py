@@ -3,8 +3,10 @@
 One step = decode one token for every running request past its prompt, plus prefill
 chunks for admitted requests, within a token budget. Admission is first come, first
 served and stops at the first request the cache cannot place (no overtaking), except that
-a policy modelling vLLM v1 passes over a request whose adapter finds no free slot. When a running request cannot grow, the most recently admitted one is preempted:
-its blocks return to the cache (its finished blocks stay cached, so recomputing it is
+a request whose adapter finds no slot is passed over, as vLLM v1 does: under a policy
+modelling vLLM's adapter slots, or past `max_loras` distinct adapters among the running.
+When a running request cannot grow, the most recently admitted one is preempted: its
+blocks return to the cache (its finished blocks stay cached, so recomputing it is
 mostly a hit) and it goes back to the head of the queue.
 """
 
@@ -93,8 +95,12 @@ class Scheduler:
                 budget -= self._add_prefill(batch, req, budget, now)
         self.head_blocked = False
         passed_over: list[Request] = []
+        loras = {r.adapter for r in self.running if r.adapter is not None}
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs:
             req = self.waiting[0]
+            if not self._lora_slot(req.adapter, loras):
+                passed_over.append(self.waiting.popleft())
+                continue
             if not self._admit(req, now):
                 if self.cache.blocked_on_adapter and self.cache.policy.skip_without_adapter_slot:
                     passed_over.append(self.waiting.popleft())
@@ -102,6 +108,8 @@ class Scheduler:
                 self.head_blocked = True
                 break
             if req.state is RequestState.RUNNING:
+                if req.adapter is not None:
+                    loras.add(req.adapter)
                 budget -= self._add_prefill(batch, req, budget, now)
         if passed_over:  # they keep their places at the head, waiting for a free slot
             # Slots free only when running requests finish: if nobody else is left to
@@ -109,6 +117,11 @@ class Scheduler:
             self.head_blocked = self.head_blocked or not self.waiting
             self.waiting.extendleft(reversed(passed_over))
         return batch
+
+    def _lora_slot(self, adapter: str | None, loras: set[str]) -> bool:
+        """`adapter` may join the running set without exceeding `max_loras`."""
+        cap = self.cfg.max_loras
+        return adapter is None or cap is None or adapter in loras or len(loras) < cap
 
     @staticmethod
     def _pending(req: Request) -> int:

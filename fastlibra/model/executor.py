@@ -275,6 +275,12 @@ class ArenaMover:
         else:
             raise ValueError(f"{move.kind.value} is not a block copy (KV has no file on disk)")
 
+    def resize_host(self, host_blocks: int) -> None:
+        """A host arena of `host_blocks` blocks; only before anything has moved into it."""
+        assert not self.on_host and not self.moves, "the host arena is in use"
+        self.host = torch.zeros((host_blocks, *self.host.shape[1:]), dtype=self.host.dtype,
+                                pin_memory=self.host.is_pinned())
+
     # -- adapters ------------------------------------------------------------------------
     def read_adapter(self, name: str, path: str | Path) -> int:
         """Read and check adapter `name` in `path`; remember where it goes. Returns the

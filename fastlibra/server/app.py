@@ -60,17 +60,33 @@ class ServerConfig:
     max_num_seqs: int = 256
     max_batched_tokens: int = 2048
     max_lora_rank: int = 256
+    engine_args: dict = field(default_factory=dict)
+    """More `LLM` keyword arguments (vLLM's engine arguments: max_loras, max_model_len,
+    swap_space, seed, ...); they win over the fields above."""
+    chat_template: str | None = None
+    """A Jinja chat template used instead of the tokenizer's."""
+    model_aliases: tuple[str, ...] = ()
+    """More ids for the base model (vLLM's further --served-model-name values)."""
+    adapter_parents: dict[str, str] = field(default_factory=dict)
+    """An adapter's `parent` in /v1/models (vLLM's base_model_name); default the base id."""
+    uvicorn_log_level: str = "warning"
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or str(self.model_dir)
 
     def make_llm(self) -> LLM:
-        return LLM(self.model_dir, dict(self.adapters), device_memory=self.device_memory,
-                   host_memory=self.host_memory, policy=self.policy, dtype=self.dtype,
-                   device=self.device, block_size=self.block_size,
-                   max_num_seqs=self.max_num_seqs, max_batched_tokens=self.max_batched_tokens,
-                   max_lora_rank=self.max_lora_rank)
+        kw = dict(device_memory=self.device_memory, host_memory=self.host_memory,
+                  policy=self.policy, dtype=self.dtype, device=self.device,
+                  block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+                  max_num_batched_tokens=self.max_batched_tokens,
+                  max_lora_rank=self.max_lora_rank) | self.engine_args
+        llm = LLM(self.model_dir, dict(self.adapters), **kw)
+        if self.chat_template is not None:
+            if llm.tokenizer is None:
+                raise ValueError(f"--chat-template: {self.model_dir} has no tokenizer files")
+            llm.tokenizer.chat_template = self.chat_template
+        return llm
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -170,7 +186,8 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
     auth = [Depends(check_key)]
 
     def adapter_for(model: str) -> str | None:
-        return None if model in (cfg.model_name, str(cfg.model_dir)) else model
+        return None if model in (cfg.model_name, str(cfg.model_dir), *cfg.model_aliases) \
+            else model
 
     @app.get("/health")
     async def health():
@@ -191,7 +208,8 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                 "max_model_len": llm.max_model_len}
         return {"object": "list", "data": [base] + [
             {"id": n, "object": "model", "created": now, "owned_by": "fastlibra",
-             "root": n, "parent": cfg.model_name, "max_model_len": llm.max_model_len}
+             "root": n, "parent": cfg.adapter_parents.get(n, cfg.model_name),
+             "max_model_len": llm.max_model_len}
             for n in names]}
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
@@ -411,6 +429,6 @@ def run_server(cfg: ServerConfig) -> None:
         app = build_app(engine, cfg)
         print(f"[fastlibra serve] serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/v1",
               flush=True)
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.uvicorn_log_level)
     finally:
         engine.close()

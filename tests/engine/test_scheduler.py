@@ -1,7 +1,9 @@
 """Continuous batching on the simulated runner: chunked prefill, preemption, copy waits."""
 
+import pytest
+
 from fastlibra.cache import CacheManager, get_policy
-from fastlibra.config import SchedulerConfig
+from fastlibra.config import ConfigError, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
 from fastlibra.sim.profiles import GPUS, MODELS, SimProfile
@@ -171,3 +173,28 @@ def test_vllm_passes_over_a_request_without_an_adapter_slot_where_sglang_waits()
         assert {r.request_id for r in eng.finished} == {"A", "B", "C"}
         eng.cache.check_invariants()
     assert admitted == {"vllm": ["A", "C"], "sglang": ["A"]}
+
+
+def test_max_loras_skips_a_request_whose_adapter_has_no_slot_and_admits_the_next():
+    # max_loras=2: running adapters {a, b}; c waits, the base-model request and the
+    # second "a" behind it start (vLLM skips a request without a slot); c starts once
+    # the others finish.
+    eng = make_engine(256, max_loras=2)
+    for name in ("b", "c"):
+        eng.cache.register_adapter(name, PROFILE.lora.nbytes(PROFILE.model))
+    for i, ad in enumerate(["a", "b", "c", None, "a"]):
+        eng.add_request(req(f"r{i}-{ad}", 32, 4, adapter=ad, base=1000 * i))
+    eng._admit_arrivals()
+    eng.scheduler.schedule(eng.now)
+    assert [r.request_id for r in eng.scheduler.running] == [
+        "r0-a", "r1-b", "r3-None", "r4-a"]
+    assert [r.request_id for r in eng.scheduler.waiting] == ["r2-c"]
+    finished = eng.run()
+    assert sorted(r.request_id for r in finished) == [
+        "r0-a", "r1-b", "r2-c", "r3-None", "r4-a"]
+    assert all(len(r.generated) == 4 for r in finished)
+
+
+def test_max_loras_must_be_positive():
+    with pytest.raises(ConfigError, match="max_loras"):
+        SchedulerConfig(max_loras=0)

@@ -18,11 +18,11 @@ import torch
 from llmsetup import served_setup, text, word
 from tinymodels import DEVICE, tokens
 
-from fastlibra.cache import RequestTooLarge, Tier, UnknownAdapter
+from fastlibra.cache import CacheError, RequestTooLarge, Tier, UnknownAdapter
 from fastlibra.cache.pool import BlockKind
 from fastlibra.cache.tree import KVNode
 from fastlibra.cli import main
-from fastlibra.llm import LLM, AsyncLLM, PromptTooLong
+from fastlibra.llm import LLM, AsyncLLM, LoRARequest, PromptTooLong
 from fastlibra.model.sampling import SamplingParams
 
 torch.set_num_threads(1)
@@ -55,7 +55,7 @@ def test_mixed_adapters_in_one_call_match_peft_greedy(served):
     llm = make_llm(served)
     prompts = [tokens(9, 1), tokens(14, 2), tokens(5, 3), tokens(11, 4), tokens(7, 5)]
     adapters = [None, "a", "b", "a", None]
-    outs = llm.generate(prompts, adapter=adapters, sampling=GREEDY)
+    outs = llm.generate(prompts, adapter=adapters, sampling_params=GREEDY)
     for p, ad, out in zip(prompts, adapters, outs, strict=True):
         assert out.token_ids == ref.greedy(p, ad, 8)
         assert out.finish_reason == "length"
@@ -85,11 +85,11 @@ def test_i4_prefix_kv_computed_hit_swapped_or_recomputed_gives_the_same_output(s
     s1, s2, s3 = tokens(3, 61), tokens(5, 62), tokens(2, 63)
     stats = llm.cache.stats
 
-    (first,) = llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    (first,) = llm.generate(prefix + s1, adapter="a", sampling_params=GREEDY)
     assert first.cached_tokens == 0
     assert first.token_ids == ref.greedy(prefix + s1, "a", 8)
 
-    (hit,) = llm.generate(prefix + s2, adapter="a", sampling=GREEDY)
+    (hit,) = llm.generate(prefix + s2, adapter="a", sampling_params=GREEDY)
     assert hit.cached_tokens == 12 and stats.device_hit_tokens == 12
     assert hit.token_ids == ref.greedy(prefix + s2, "a", 8)
 
@@ -97,12 +97,12 @@ def test_i4_prefix_kv_computed_hit_swapped_or_recomputed_gives_the_same_output(s
         llm.cache.move(node, Tier.HOST, llm.engine.now)
     assert not device_kv(llm, "a")
     poison_kv(llm)  # only the swap-in can bring the prefix back
-    (swapped,) = llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
+    (swapped,) = llm.generate(prefix + s3, adapter="a", sampling_params=GREEDY)
     assert swapped.cached_tokens == 12 and stats.host_hit_tokens == 12
     assert swapped.token_ids == ref.greedy(prefix + s3, "a", 8)
 
     llm.cache.clear()
-    (again,) = llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    (again,) = llm.generate(prefix + s1, adapter="a", sampling_params=GREEDY)
     assert again.cached_tokens == 0
     assert again.token_ids == first.token_ids
     llm.cache.check_invariants()
@@ -117,7 +117,7 @@ def test_small_device_pool_swaps_and_stays_exact(served):
     sessions = [(tokens(13, 70 + i), ad) for i, ad in enumerate(["a", "b", None, "a", "b"])]
     for turn in range(2):
         for i, (prompt, ad) in enumerate(sessions):
-            (out,) = llm.generate(prompt, adapter=ad, sampling=GREEDY)
+            (out,) = llm.generate(prompt, adapter=ad, sampling_params=GREEDY)
             assert out.token_ids == ref.greedy(prompt, ad, 8), (turn, i)
             sessions[i] = (prompt + out.token_ids + tokens(3, 90 + i), ad)
     st = llm.cache.stats
@@ -128,28 +128,28 @@ def test_small_device_pool_swaps_and_stays_exact(served):
 def test_sampling_seed_greedy_top_k_stop_and_length(served):
     llm = make_llm(served)
     prompt = text(tokens(10, 80))
-    greedy = llm.generate(prompt, sampling=SamplingParams(temperature=0, max_tokens=10,
+    greedy = llm.generate(prompt, sampling_params=SamplingParams(temperature=0, max_tokens=10,
                                                           ignore_eos=True))[0]
     warm = SamplingParams(temperature=1.5, seed=3, max_tokens=10, ignore_eos=True)
-    a, b = llm.generate([prompt, prompt], sampling=warm)
-    c = llm.generate(prompt, sampling=warm)[0]
+    a, b = llm.generate([prompt, prompt], sampling_params=warm)
+    c = llm.generate(prompt, sampling_params=warm)[0]
     assert a.token_ids == b.token_ids == c.token_ids
     assert a.token_ids != greedy.token_ids  # the draw is not the argmax path
-    other = llm.generate(prompt, sampling=SamplingParams(temperature=1.5, seed=4, max_tokens=10,
+    other = llm.generate(prompt, sampling_params=SamplingParams(temperature=1.5, seed=4, max_tokens=10,
                                                          ignore_eos=True))[0]
     assert other.token_ids != a.token_ids
-    top1 = llm.generate(prompt, sampling=SamplingParams(top_k=1, seed=5, max_tokens=10,
+    top1 = llm.generate(prompt, sampling_params=SamplingParams(top_k=1, seed=5, max_tokens=10,
                                                         ignore_eos=True))[0]
     assert top1.token_ids == greedy.token_ids
 
     stop = word(greedy.token_ids[3])
-    cut = llm.generate(prompt, sampling=SamplingParams(temperature=0, max_tokens=10,
+    cut = llm.generate(prompt, sampling_params=SamplingParams(temperature=0, max_tokens=10,
                                                        ignore_eos=True, stop=[stop]))[0]
     assert cut.finish_reason == "stop"
     assert cut.text == greedy.text[:greedy.text.index(stop)]
     assert cut.token_ids == greedy.token_ids[:len(cut.token_ids)]
     assert len(cut.token_ids) <= 4
-    short = llm.generate(prompt, sampling=SamplingParams(temperature=0, max_tokens=3,
+    short = llm.generate(prompt, sampling_params=SamplingParams(temperature=0, max_tokens=3,
                                                          ignore_eos=True))[0]
     assert (short.token_ids, short.finish_reason) == (greedy.token_ids[:3], "length")
     assert not llm.cache.running  # stopped requests gave their blocks back
@@ -158,8 +158,8 @@ def test_sampling_seed_greedy_top_k_stop_and_length(served):
 def test_cli_generate_json(served, capsys):
     base, adapters, ref = served
     prompt = tokens(8, 85)
-    rc = main(["generate", "--model", str(base), "--adapter", f"a={adapters['a']}",
-               "--adapter", f"b={adapters['b']}", "--use-adapter", "b", "--prompt",
+    rc = main(["generate", "--model", str(base), "--lora-modules", f"a={adapters['a']}",
+               "--lora-modules", f"b={adapters['b']}", "--use-adapter", "b", "--prompt",
                text(prompt), "--max-tokens", "6", "--json", "--device-memory", "256KiB",
                "--host-memory", "256KiB", "--block-size", "4", "--device", "cpu"])
     assert rc == 0
@@ -237,7 +237,7 @@ def test_adapters_live_in_the_device_arena_blocks_the_cache_gave_them(served, po
     _, _, ref = served
     llm = make_llm(served, policy=policy)
     prompt = tokens(9, 70)
-    (out,) = llm.generate(prompt, adapter="a", sampling=GREEDY)
+    (out,) = llm.generate(prompt, adapter="a", sampling_params=GREEDY)
     assert out.token_ids == ref.greedy(prompt, "a", 8)
 
     node = llm.cache.adapters["a"]
@@ -259,7 +259,7 @@ def test_adapters_live_in_the_device_arena_blocks_the_cache_gave_them(served, po
     assert not kv_blocks & blocks
 
     arena[sorted(blocks)] = 0.0  # zero the adapter's blocks: "a" is now the base model
-    (zeroed,) = llm.generate(tokens(9, 71), adapter="a", sampling=GREEDY)
+    (zeroed,) = llm.generate(tokens(9, 71), adapter="a", sampling_params=GREEDY)
     assert zeroed.token_ids == ref.greedy(tokens(9, 71), None, 8)
 
 
@@ -307,7 +307,7 @@ def test_a_host_hit_whose_copy_is_quick_joins_the_next_step(served):
     _, _, ref = served
     llm = make_llm(served)
     prefix, suffix = tokens(16, 84), tokens(3, 85)
-    llm.generate(prefix, adapter="a", sampling=GREEDY)
+    llm.generate(prefix, adapter="a", sampling_params=GREEDY)
     for node in device_kv(llm, "a"):
         llm.cache.move(node, Tier.HOST, llm.engine.now)
     llm.mover.drain()
@@ -334,17 +334,91 @@ def test_bfloat16_engine_swaps_kv_and_adapters_exactly(served):
     prefix, s1, s3 = tokens(12, 60), tokens(3, 61), tokens(2, 63)
     hit_llm = bf16_llm()
     assert hit_llm.runner.kv.data.dtype == torch.bfloat16
-    hit_llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
-    (hit,) = hit_llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
+    hit_llm.generate(prefix + s1, adapter="a", sampling_params=GREEDY)
+    (hit,) = hit_llm.generate(prefix + s3, adapter="a", sampling_params=GREEDY)
     assert hit.cached_tokens == 12 and hit_llm.cache.stats.device_hit_tokens == 12
 
     llm = bf16_llm()
-    llm.generate(prefix + s1, adapter="a", sampling=GREEDY)
+    llm.generate(prefix + s1, adapter="a", sampling_params=GREEDY)
     for node in device_kv(llm, "a"):
         llm.cache.move(node, Tier.HOST, llm.engine.now)
     llm.cache.move(llm.cache.adapter("a"), Tier.HOST, llm.engine.now)
     poison_kv(llm)
-    (swapped,) = llm.generate(prefix + s3, adapter="a", sampling=GREEDY)
+    (swapped,) = llm.generate(prefix + s3, adapter="a", sampling_params=GREEDY)
     assert swapped.cached_tokens == 12 and llm.cache.stats.host_hit_tokens == 12
     assert swapped.token_ids == hit.token_ids and len(swapped.token_ids) == 8
     llm.cache.check_invariants()
+
+
+def test_vllm_python_api_generate_and_chat(served):
+    """vLLM's offline example as written: LLM(model, enable_lora=True, ...),
+    generate(prompts, SamplingParams, lora_request=LoRARequest(name, id, path)), chat."""
+    base, adapters, ref = served
+    llm = LLM(str(base), enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128,
+              dtype="auto", device=DEVICE, block_size=4, device_memory=256 * KIB,
+              swap_space=256 * KIB / 2**30)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    prompts = [text(tokens(6, 1)), text(tokens(9, 2))]
+    sql = LoRARequest("sql_adapter", 1, str(adapters["a"]))
+    outputs = llm.generate(prompts, params, lora_request=sql)
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.prompt == prompt
+        assert out.prompt_token_ids == [int(w[1:]) for w in prompt.split()]
+        (c,) = out.outputs
+        assert c.token_ids == ref.greedy(out.prompt_token_ids, "a", 5)
+        assert c.text.split() == text(c.token_ids).split() and c.finish_reason == "length"
+    assert llm.adapter_names == ["sql_adapter"]  # loaded by its first request
+    again = llm.generate({"prompt_token_ids": tokens(6, 1)}, params, sql)[0]
+    assert again.outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match="lora_int_id 1 is already adapter 'sql_adapter'"):
+        llm.generate(prompts[0], params, LoRARequest("other", 1, str(adapters["b"])))
+
+    chat = llm.chat([{"role": "user", "content": "w005 w006"}], params)[0]
+    assert chat.prompt_token_ids == [11, 5, 6, 12]  # the tokenizer's chat template
+    assert chat.outputs[0].token_ids == ref.greedy([11, 5, 6, 12], None, 5)
+    two = llm.chat([[{"role": "user", "content": "w005"}], [{"role": "user", "content": "w007"}]],
+                   params, lora_request=sql)
+    assert [o.prompt_token_ids for o in two] == [[11, 5, 12], [11, 7, 12]]
+
+
+def test_vllm_python_api_wrong_types_say_what_was_expected(served):
+    llm = make_llm(served)
+    with pytest.raises(TypeError, match="sampling_params must be SamplingParams or None, or a "
+                       "list of them .*got str 'a'"):
+        llm.generate("w005", "a")  # the old positional adapter
+    with pytest.raises(TypeError, match="lora_request must be LoRARequest or None.*got str"):
+        llm.generate(["w005"], None, "a")
+    with pytest.raises(TypeError, match="a prompt must be a str, a list of token ids"):
+        llm.generate([3.5])
+    with pytest.raises(TypeError, match="lora_int_id must be an int >= 1"):
+        LoRARequest("x", 0, "/p")
+    with pytest.raises(TypeError, match="messages must be a non-empty list"):
+        llm.chat("hello")
+    assert not llm.has_unfinished
+
+
+def test_vllm_engine_arguments(served):
+    base, adapters, _ = served
+    prompt = tokens(20, 3)
+    params = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
+    same = [make_llm(served, seed=7).generate(prompt, params)[0].token_ids for _ in range(2)]
+    other = make_llm(served, seed=8).generate(prompt, params)[0].token_ids
+    assert same[0] == same[1] != other  # seed: the RNG of requests without their own
+    with pytest.raises(PromptTooLong, match="16 tokens but the model's context is 16"):
+        make_llm(served, max_model_len=16).generate(tokens(16, 1))
+    llm = make_llm(served, enable_prefix_caching=False)
+    assert [llm.generate(prompt, GREEDY)[0].cached_tokens for _ in range(2)] == [0, 0]
+    assert make_llm(served).generate([prompt, prompt], GREEDY)[1].cached_tokens == 0
+    warm = make_llm(served)
+    warm.generate(prompt, GREEDY)
+    assert warm.generate(prompt, GREEDY)[0].cached_tokens == 16  # 4 whole blocks
+    grown = LLM(base, adapters, device_memory=256 * KIB, block_size=4, dtype="float32",
+                device=DEVICE, max_cpu_loras=40)
+    largest = max(grown.cache.adapter(n).num_blocks for n in "ab")  # b: all-linear
+    assert grown.cache.host_pool.capacity == 40 * largest > 256 * KIB // grown.block_bytes
+    with pytest.raises(CacheError, match="max_cpu_loras=40 adapters need"):
+        make_llm(served, max_cpu_loras=40)  # host_memory given and too small
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        make_llm(served, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="enable_lora=False is not supported"):
+        make_llm(served, enable_lora=False)

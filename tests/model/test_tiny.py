@@ -53,7 +53,7 @@ def test_llm_greedy_equals_transformers_plus_peft(tiny):
               dtype="float32", device="cpu")
     prompt = tokens(13, 7)
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    outs = llm.generate([prompt] * 3, adapter=[None, "lora-0", "lora-1"], sampling=greedy)
+    outs = llm.generate([prompt] * 3, adapter=[None, "lora-0", "lora-1"], sampling_params=greedy)
     expected = [ref.greedy(prompt, a, 8) for a in (None, "lora-0", "lora-1")]
     assert [o.token_ids for o in outs] == expected
     # The adapters are not no-ops: their logits move away from the base model's.

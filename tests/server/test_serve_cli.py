@@ -4,6 +4,7 @@ and exiting cleanly."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,7 +15,10 @@ from contextlib import contextmanager
 
 import httpx
 import openai
+import pytest
 from llmsetup import served_setup
+
+from fastlibra.cli import main
 
 
 def free_port() -> int:
@@ -53,7 +57,7 @@ def fastlibra_process(*args: str, env: dict | None = None):
 def test_serve_command_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path_factory):
     base, adapters, _ = served_setup(tmp_path_factory)
     with fastlibra_process(
-            "serve", "--model", str(base), "--adapter", f"a={adapters['a']}",
+            "serve", str(base), "--lora-modules", f"a={adapters['a']}",
             "--served-model-name", "tiny", "--device-memory", "256KiB", "--host-memory",
             "256KiB", "--block-size", "4", "--device", "cpu", "--policy", "vllm",
             "--api-key", "k") as (port, proc):
@@ -78,3 +82,78 @@ def test_demo_serve_serves_the_demo_model_and_its_adapters(tmp_path):
             max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
         assert chat.choices[0].finish_reason == "length"
         assert chat.usage.completion_tokens == 4
+
+
+def test_the_vllm_lora_docs_command_line_runs_unchanged(tmp_path_factory):
+    # vLLM's docs: `vllm serve MODEL --enable-lora --lora-modules sql-lora=PATH`
+    base, adapters, ref = served_setup(tmp_path_factory)
+    with fastlibra_process("serve", str(base), "--enable-lora",
+                           "--lora-modules", f"sql-lora={adapters['a']}") as (port, _):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none",
+                               max_retries=0)
+        assert [m.id for m in client.models.list().data] == [str(base), "sql-lora"]
+        out = client.completions.create(model="sql-lora", prompt="w005 w006 w007",
+                                        max_tokens=5, temperature=0,
+                                        extra_body={"ignore_eos": True})
+        assert out.choices[0].text.split() == [f"w{i:03d}" for i in ref.greedy(
+            [5, 6, 7], "a", 5)]
+
+
+def test_vllm_engine_flags_take_effect(tmp_path_factory, tmp_path):
+    base, adapters, _ = served_setup(tmp_path_factory)
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}w020 w021 {{ m['content'] }} {% endfor %}"
+                        "{% if add_generation_prompt %}w022{% endif %}")
+    json_module = json.dumps({"name": "b-lora", "path": str(adapters["b"]),
+                              "base_model_name": "llama-base"})
+    with fastlibra_process(
+            "serve", str(base), "--enable-lora", "--lora-modules", f"sql-lora={adapters['a']}",
+            json_module, "--max-loras", "1", "--max-lora-rank", "8", "--max-cpu-loras", "2",
+            "--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "256",
+            "--block-size", "4", "--dtype", "auto", "--seed", "0",
+            "--no-enable-prefix-caching", "--swap-space", "0.0005", "--chat-template",
+            str(template), "--served-model-name", "tiny", "tiny-alias", "--api-key", "k",
+            "--host", "127.0.0.1", "--uvicorn-log-level", "warning", "--device", "cpu",
+            "--device-memory", "256KiB") as (port, _):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
+                               max_retries=0)
+        models = {m.id: m for m in client.models.list().data}
+        assert list(models) == ["tiny", "b-lora", "sql-lora"]
+        assert models["b-lora"].parent == "llama-base"  # base_model_name of the JSON form
+        assert models["tiny"].max_model_len == 64  # --max-model-len
+        with pytest.raises(openai.BadRequestError, match="context"):
+            client.completions.create(model="tiny", prompt=[5] * 64, max_tokens=1)
+        # the alias serves the base model; no KV is kept across requests
+        prompt = " ".join(f"w{i:03d}" for i in range(10, 30))
+        for _ in range(2):
+            out = client.completions.create(model="tiny-alias", prompt=prompt, max_tokens=2)
+            assert out.usage.prompt_tokens_details.cached_tokens == 0
+        chat = client.chat.completions.create(
+            model="sql-lora", messages=[{"role": "user", "content": "w005 w006"}],
+            max_tokens=1)
+        assert chat.usage.prompt_tokens == 5  # "w020 w021 w005 w006 w022": --chat-template
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_vllm_flags_we_cannot_honour_are_errors_naming_them(capsys, tmp_path):
+    err = _cli_error(capsys, "serve", str(tmp_path), "--gpu-memory-utilization", "0.9")
+    assert "--gpu-memory-utilization (a vLLM flag) is not supported" in err
+    assert "--device-memory" in err
+    err = _cli_error(capsys, "serve", str(tmp_path), "--tensor-parallel-size", "2")
+    assert "--tensor-parallel-size 2" in err and "one device" in err
+    err = _cli_error(capsys, "serve", str(tmp_path), "--lora-modules",
+                     '{"name": "x", "path": "/p", "rank": 8}')
+    assert "unknown keys: rank" in err
+    err = _cli_error(capsys, "serve", str(tmp_path), "--swap-space", "4",
+                     "--host-memory", "8GiB")
+    assert "not allowed with argument --swap-space" in err
+    err = _cli_error(capsys, "serve", str(tmp_path), "--max-cpu-loras", "1", "--max-loras", "2")
+    assert "max_cpu_loras=1 must be at least max_loras (2)" in err
+    err = _cli_error(capsys, "serve", "--enable-lora")
+    assert "the model directory is required" in err
