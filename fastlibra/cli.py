@@ -333,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Jinja chat template (file or text) instead of the tokenizer's")
     serve.add_argument("--seed", type=int, default=None,
                        help="seed of the sampling RNG for requests without their own seed")
+    serve.add_argument("--metrics-compat", choices=["vllm"], default=None,
+                       help="/metrics also exports vLLM's metric names (vllm:...) where they "
+                       "mean the same here")
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
 
@@ -519,7 +522,7 @@ def _dispatch(args) -> int:
             served_model_name=names[0], model_aliases=tuple(names[1:]),
             adapter_parents={n: b for n, _, b in args.lora_modules if b},
             chat_template=_chat_template(args.chat_template),
-            uvicorn_log_level=args.uvicorn_log_level,
+            uvicorn_log_level=args.uvicorn_log_level, metrics_compat=args.metrics_compat,
             engine_args=_llm_args(args) | {"seed": args.seed}))
         return 0
     if args.command == "bench":

@@ -517,7 +517,7 @@ class LLM:
         tok = self.tokenizer
         if tok is None or not (chat_template or getattr(tok, "chat_template", None)):
             raise ValueError("this model has no chat template (tokenizer_config.json "
-                             "chat_template); pass chat_template= or use generate")
+                             "chat_template)")
         return tok.apply_chat_template(list(conversation), chat_template=chat_template,
                                        add_generation_prompt=add_generation_prompt,
                                        tokenize=False)

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from fastlibra import __version__
 from fastlibra.cache import RequestTooLarge, UnknownAdapter
 from fastlibra.llm import LLM, AsyncLLM, Delta, Output, PromptTooLong
 from fastlibra.model.lora import AdapterLoadError
@@ -70,6 +71,8 @@ class ServerConfig:
     adapter_parents: dict[str, str] = field(default_factory=dict)
     """An adapter's `parent` in /v1/models (vLLM's base_model_name); default the base id."""
     uvicorn_log_level: str = "warning"
+    metrics_compat: str | None = None
+    """Also export another server's metric names on /metrics ("vllm")."""
 
     @property
     def model_name(self) -> str:
@@ -152,7 +155,7 @@ def resolve_adapter_path(raw: str, roots: tuple[Path, ...]) -> Path:
 # -- the app ---------------------------------------------------------------------------
 def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
     llm = engine.llm
-    metrics = ServerMetrics(engine, cfg.model_name)
+    metrics = ServerMetrics(engine, cfg.model_name, cfg.metrics_compat)
     app = FastAPI(title="FastLibra", summary="OpenAI-compatible multi-LoRA serving",
                   version="0.1.0")
     app.state.engine = engine
@@ -198,6 +201,48 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
     @app.get("/metrics", include_in_schema=False)
     async def prometheus():
         return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    async def check_model(model: str | None) -> None:
+        if model is not None and adapter_for(model) is not None \
+                and model not in await engine.run(lambda: llm.adapter_names):
+            raise P.ApiError(404, f"the model '{model}' does not exist", "model",
+                             code="model_not_found")
+
+    def tokenizer():
+        if llm.tokenizer is None:
+            raise P.ApiError(400, "this model directory has no tokenizer files", "model")
+        return llm.tokenizer
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: P.TokenizeRequest):
+        """vLLM's /tokenize: the ids a prompt (or chat) is served with."""
+        await check_model(body.model)
+        tok, conversation = tokenizer(), body.conversation()
+        if conversation is None:
+            text = body.prompt
+        else:
+            text = await asyncio.to_thread(_render_chat, llm, conversation,
+                                           body.add_generation_prompt)
+        ids = await asyncio.to_thread(tok.encode, text,
+                                      add_special_tokens=body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": llm.max_model_len, "tokens": ids,
+                "token_strs": tok.convert_ids_to_tokens(ids) if body.return_token_strs
+                else None}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: P.DetokenizeRequest):
+        await check_model(body.model)
+        tok = tokenizer()
+        vocab = llm.model_config.vocab_size
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise P.ApiError(400, f"tokens {bad[:4]} outside the vocabulary (0..{vocab - 1})",
+                             "tokens")
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
@@ -276,21 +321,20 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request, body: P.ChatCompletionRequest):
-        tok = llm.tokenizer
-        if tok is None or not getattr(tok, "chat_template", None):
-            raise P.ApiError(400, "this model has no chat template (tokenizer_config.json "
-                             "chat_template); use /v1/completions", "messages")
-        try:
-            text = tok.apply_chat_template(body.conversation(), add_generation_prompt=True,
-                                           tokenize=False)
-        except P.ApiError:
-            raise
-        except Exception as e:  # the template's own checks (roles must alternate, ...)
-            raise P.ApiError(400, f"the chat template rejected the messages: {e}",
-                             "messages") from None
+        text = _render_chat(llm, body.conversation(), True)
         return await complete(request, body, [text], "messages", chat=True)
 
     return app
+
+
+def _render_chat(llm: LLM, conversation: list[dict], add_generation_prompt: bool) -> str:
+    """The prompt text of a conversation under the model's chat template."""
+    try:
+        return llm.render_chat(conversation, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # no template, or the template's own checks (roles alternate...)
+        raise P.ApiError(400, f"the chat template rejected the messages: {e}"
+                         if llm.tokenizer is not None and llm.tokenizer.chat_template else
+                         f"{e}; use /v1/completions", "messages") from None
 
 
 class _EngineStream(StreamingResponse):

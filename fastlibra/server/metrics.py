@@ -1,4 +1,6 @@
-"""Prometheus metrics for /metrics, named like vLLM's under a `fastlibra:` prefix.
+"""Prometheus metrics for /metrics, named like vLLM's under a `fastlibra:` prefix, and
+with `--metrics-compat vllm` also under vLLM's own `vllm:` names where they mean the same
+here (so vLLM's dashboards work unchanged).
 
 Per-request histograms are observed when a request finishes (on the engine thread, via
 `AsyncLLM.on_finish`). Engine-wide numbers (queue, hit rates, swap bytes, pool usage by
@@ -21,30 +23,66 @@ TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.
                  0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 
 
-class ServerMetrics:
-    def __init__(self, engine: AsyncLLM, model_name: str) -> None:
-        self.registry = CollectorRegistry()
+REQUEST_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000,
+                         20000, 50000, 100000)
+
+METRICS_COMPAT = ("vllm",)
+"""Other servers' metric names `/metrics` can export beside ours (`--metrics-compat`)."""
+
+
+class _RequestMetrics:
+    """Per-request histograms and counters under one prefix (fastlibra, or vllm)."""
+
+    def __init__(self, prefix: str, registry: CollectorRegistry) -> None:
         labels = ["model_name"]
-        self.model_name = model_name
-        self.ttft = Histogram("fastlibra:time_to_first_token_seconds",
+        self.ttft = Histogram(f"{prefix}:time_to_first_token_seconds",
                               "Time from arrival to the first token.", labels,
-                              buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tpot = Histogram("fastlibra:time_per_output_token_seconds",
+                              buckets=LATENCY_BUCKETS, registry=registry)
+        self.tpot = Histogram(f"{prefix}:time_per_output_token_seconds",
                               "Mean time per output token after the first, per request.",
-                              labels, buckets=TOKEN_BUCKETS, registry=self.registry)
-        self.e2e = Histogram("fastlibra:e2e_request_latency_seconds",
+                              labels, buckets=TOKEN_BUCKETS, registry=registry)
+        self.e2e = Histogram(f"{prefix}:e2e_request_latency_seconds",
                              "Time from arrival to finish.", labels,
-                             buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.prompt_tokens = Counter("fastlibra:prompt_tokens", "Prompt tokens processed.",
-                                     labels, registry=self.registry)
-        self.generation_tokens = Counter("fastlibra:generation_tokens",
-                                         "Tokens generated.", labels, registry=self.registry)
-        self.finished = Counter("fastlibra:request_success",
+                             buckets=LATENCY_BUCKETS, registry=registry)
+        self.prompt_tokens = Counter(f"{prefix}:prompt_tokens", "Prompt tokens processed.",
+                                     labels, registry=registry)
+        self.generation_tokens = Counter(f"{prefix}:generation_tokens",
+                                         "Tokens generated.", labels, registry=registry)
+        self.finished = Counter(f"{prefix}:request_success",
                                 "Finished requests by finish reason.",
-                                [*labels, "finished_reason"], registry=self.registry)
+                                [*labels, "finished_reason"], registry=registry)
+        self.request_prompt = Histogram(f"{prefix}:request_prompt_tokens",
+                                        "Prompt tokens per request.", labels,
+                                        buckets=REQUEST_TOKEN_BUCKETS, registry=registry)
+        self.request_generation = Histogram(f"{prefix}:request_generation_tokens",
+                                            "Generated tokens per request.", labels,
+                                            buckets=REQUEST_TOKEN_BUCKETS, registry=registry)
+
+    def observe(self, m: str, out: Output) -> None:
+        if out.ttft is not None:
+            self.ttft.labels(m).observe(out.ttft)
+        if out.tpot is not None:
+            self.tpot.labels(m).observe(out.tpot)
+        self.e2e.labels(m).observe(out.e2e)
+        self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
+        self.generation_tokens.labels(m).inc(len(out.token_ids))
+        self.finished.labels(m, out.finish_reason).inc()
+        self.request_prompt.labels(m).observe(len(out.prompt_token_ids))
+        self.request_generation.labels(m).observe(len(out.token_ids))
+
+
+class ServerMetrics:
+    def __init__(self, engine: AsyncLLM, model_name: str, compat: str | None = None) -> None:
+        if compat is not None and compat not in METRICS_COMPAT:
+            raise ValueError(f"--metrics-compat {compat!r}: choose from "
+                             f"{', '.join(METRICS_COMPAT)}")
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.per_request = [_RequestMetrics(p, self.registry)
+                            for p in ("fastlibra", *([compat] if compat else []))]
         self.engine = engine
         self._engine_numbers = _EngineCollector(engine.call(engine.llm.stats).result(),
-                                                model_name)
+                                                model_name, vllm=compat == "vllm")
         self.registry.register(self._engine_numbers)
         engine.on_finish.append(self.observe)
 
@@ -54,35 +92,30 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
     def observe(self, out: Output) -> None:
-        m = self.model_name
-        if out.ttft is not None:
-            self.ttft.labels(m).observe(out.ttft)
-        if out.tpot is not None:
-            self.tpot.labels(m).observe(out.tpot)
-        self.e2e.labels(m).observe(out.e2e)
-        self.prompt_tokens.labels(m).inc(len(out.prompt_token_ids))
-        self.generation_tokens.labels(m).inc(len(out.token_ids))
-        self.finished.labels(m, out.finish_reason).inc()
+        for metrics in self.per_request:
+            metrics.observe(self.model_name, out)
 
 
 class _EngineCollector(Collector):
     """Gauges and counters of the latest engine snapshot (`ServerMetrics.render`)."""
 
-    def __init__(self, snapshot: EngineStats, model_name: str) -> None:
+    def __init__(self, snapshot: EngineStats, model_name: str, vllm: bool = False) -> None:
         self.snapshot = snapshot
         self.model_name = model_name
+        self.vllm = vllm
+        """Also vLLM's names for what has a meaning here (its dashboards work unchanged)."""
 
     def collect(self):
         s = self.snapshot
         m = [self.model_name]
 
-        def gauge(name: str, doc: str, value: float):
-            g = GaugeMetricFamily(f"fastlibra:{name}", doc, labels=["model_name"])
+        def gauge(name: str, doc: str, value: float, prefix: str = "fastlibra"):
+            g = GaugeMetricFamily(f"{prefix}:{name}", doc, labels=["model_name"])
             g.add_metric(m, value)
             return g
 
-        def counter(name: str, doc: str, value: float):
-            c = CounterMetricFamily(f"fastlibra:{name}", doc, labels=["model_name"])
+        def counter(name: str, doc: str, value: float, prefix: str = "fastlibra"):
+            c = CounterMetricFamily(f"{prefix}:{name}", doc, labels=["model_name"])
             c.add_metric(m, value)
             return c
 
@@ -121,3 +154,24 @@ class _EngineCollector(Collector):
         yield blocks
         yield usage
         yield gauge("block_bytes", "Bytes of one KV block (all layers).", s.block_bytes)
+        if self.vllm:
+            yield from self._vllm(s, gauge, counter)
+
+    @staticmethod
+    def _vllm(s: EngineStats, gauge, counter):
+        """vLLM's engine numbers. Its KV cache is our device pool (which adapters share,
+        unless the policy has a static adapter region: then the KV part)."""
+        yield gauge("num_requests_waiting", "Requests queued, not yet admitted.", s.waiting,
+                    "vllm")
+        yield gauge("num_requests_running", "Requests admitted (prefill or decode).",
+                    s.running, "vllm")
+        device = s.pool_blocks.get("device") or s.pool_blocks.get("device-kv", {})
+        total = sum(n for k, n in device.items() if k != "invalid_kv")
+        used = 1 - device.get("free", 0) / total if total else 0.0
+        for name in ("gpu_cache_usage_perc", "kv_cache_usage_perc"):
+            yield gauge(name, "Used fraction of the device pool (KV and adapters; 1 = full).",
+                        used, "vllm")
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.prompt_tokens, "vllm")
+        yield counter("prefix_cache_hits", "Prompt tokens whose KV was cached (device, or "
+                      "host and swapped in).", s.device_hit_tokens + s.host_hit_tokens, "vllm")

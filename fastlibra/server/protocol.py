@@ -144,6 +144,35 @@ class ChatCompletionRequest(_Sampling):
         return super().sampling(default_max_tokens)
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a `prompt`, or chat `messages` rendered by the template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: NonEmptyStr | None = None
+    prompt: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def conversation(self) -> list[dict[str, str]] | None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", "prompt")
+        if self.messages is None:
+            return None
+        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's /detokenize body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: NonEmptyStr | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=1 << 20)]
+
+
 class LoadLoraRequest(BaseModel):
     """vLLM's /v1/load_lora_adapter body."""
 

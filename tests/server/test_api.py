@@ -46,7 +46,8 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, root):
-    with live_server(tmp_path_factory, api_key=KEY, adapter_roots=(root,)) as srv:
+    with live_server(tmp_path_factory, api_key=KEY, adapter_roots=(root,),
+                     metrics_compat="vllm") as srv:
         yield srv
 
 
@@ -287,6 +288,58 @@ def test_metrics_move_after_requests(server, client):
     assert any('kind="adapter"' in k for k in pools) and any('kind="free"' in k for k in pools)
     assert any(k.startswith("fastlibra:swap_bytes_total") for k in after)
     assert f"fastlibra:device_cache_hit_rate{label}" in after
+
+
+def test_metrics_compat_vllm_exports_vllms_names(server, client):
+    label = f'{{model_name="{MODEL_NAME}"}}'
+    before = scrape(server)
+    for model in (MODEL_NAME, "b"):
+        client.completions.create(model=model, prompt="w081 w082 w083 w084 w085",
+                                  max_tokens=3, temperature=0, extra_body=NO_EOS)
+    after = scrape(server)
+
+    def moved(name: str) -> float:
+        return after[f"vllm:{name}"] - before.get(f"vllm:{name}", 0)
+
+    for name in ("time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
+                 "e2e_request_latency_seconds_count", "request_prompt_tokens_count"):
+        assert moved(name + label) == 2
+    assert moved(f"prompt_tokens_total{label}") == 10
+    assert moved(f"generation_tokens_total{label}") == 6
+    assert moved(f'request_success_total{{finished_reason="length",model_name="{MODEL_NAME}"}}') == 2
+    assert moved(f"prefix_cache_queries_total{label}") == 10
+    assert after[f"vllm:num_requests_running{label}"] == 0
+    assert after[f"vllm:num_requests_waiting{label}"] == 0
+    # adapter b and the KV just cached sit in the device pool
+    assert 0 < after[f"vllm:gpu_cache_usage_perc{label}"] == \
+        after[f"fastlibra:pool_usage_perc{{model_name=\"{MODEL_NAME}\",pool=\"device\"}}"]
+
+
+def test_tokenize_detokenize_and_version(server, client):
+    def post(path: str, body: dict, key: str | None = KEY) -> httpx.Response:
+        return httpx.post(server.url + path, json=body,
+                          headers={"Authorization": f"Bearer {key}"} if key else {})
+
+    assert httpx.get(server.url + "/version").json() == {"version": "0.1.0"}
+    out = post("/tokenize", {"model": "a", "prompt": "w005 w006",
+                             "return_token_strs": True}).json()
+    assert out == {"count": 2, "max_model_len": 256, "tokens": [5, 6],
+                   "token_strs": ["w005", "w006"]}
+    messages = [{"role": "user", "content": "w005 w006"}]
+    out = post("/tokenize", {"model": MODEL_NAME, "messages": messages}).json()
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=1)
+    assert out["tokens"] == [11, 5, 6, 12] and chat.usage.prompt_tokens == out["count"]
+    assert post("/detokenize", {"tokens": [5, 6]}).json() == {"prompt": "w005 w006"}
+
+    bad = post("/tokenize", {"model": "nope", "prompt": "w005"})
+    assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+    bad = post("/tokenize", {"prompt": "w005", "messages": messages})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    bad = post("/detokenize", {"tokens": [5, 999]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    assert "999" in bad.json()["error"]["message"]
+    assert post("/tokenize", {"prompt": "w005"}, key=None).status_code == 401
+    assert post("/tokenize", {"prompt": "w005"}).json()["tokens"] == [5]  # still serving
 
 
 def test_client_disconnect_mid_stream_frees_blocks_at_once(server):
