@@ -36,7 +36,10 @@ from fastlibra.model.loader import default_device, load_model, resolve_dtype
 from fastlibra.model.sampling import (
     IncrementalDetokenizer,
     OutputTracker,
+    Sampler,
     SamplingParams,
+    SamplingParamsError,
+    TokenLogprobs,
 )
 
 Prompt = str | Sequence[int]
@@ -72,6 +75,14 @@ class PromptTooLong(ValueError):
     """The prompt leaves no room to generate within the model's context."""
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """vLLM's `Logprob`: a token's logprob and its rank (1 = most likely)."""
+
+    logprob: float
+    rank: int
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence, shaped like vLLM's `CompletionOutput`."""
@@ -80,6 +91,9 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprobs: list[dict[int, Logprob]] | None = None
+    """Per token: the sampled one and the `logprobs` most likely, by token id."""
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -105,10 +119,17 @@ class Output:
     """Seconds from arrival to finish (or abort)."""
     prompt: str | None = None
     """The prompt as text, when it was given as text."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Per generated token, when the request asked for logprobs."""
 
     @property
     def outputs(self) -> list[CompletionOutput]:
-        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason)]
+        lps = None if self.logprobs is None else [
+            {t: Logprob(v, rank=r + 1) for r, (t, v) in enumerate(lp.top)}
+            | {lp.token_id: Logprob(lp.logprob, lp.rank)} for lp in self.logprobs]
+        return [CompletionOutput(0, self.text, self.token_ids, self.finish_reason, lps,
+                                 None if lps is None else
+                                 sum(lp.logprob for lp in self.logprobs))]
 
     @property
     def finished(self) -> bool:
@@ -137,12 +158,14 @@ class LoRARequest:
 
 @dataclass
 class Delta:
-    """What one step added to a request: new token ids and new complete text."""
+    """What one step added to a request: new token ids, new complete text, and the new
+    tokens' logprobs when the request asked for them."""
 
     request_id: str
-    text: str
     token_ids: list[int]
-    finish_reason: str | None
+    text: str
+    logprobs: list[TokenLogprobs] | None = None
+    finish_reason: str | None = None
     output: Output | None = None
     """Set by `AsyncLLM` on a request's last delta."""
 
@@ -258,15 +281,15 @@ class LLM:
         for name, nbytes in sizes.items():
             self.cache.register_adapter(name, nbytes)
         self.mover.sync_adapters(self.cache)  # policies that start adapters in host memory
-        self.executor = ModelExecutor(self.runner, self._alloc, clock=self._clock,
-                                      wait_for=self.mover.wait_for)
-        self.engine = Engine(scheduler_config(max_num_seqs, max_num_batched_tokens, max_loras),
-                             self.cache, self.executor)
         self.tokenizer = _load_tokenizer(tokenizer, Path(model))
         eos = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.executor = ModelExecutor(self.runner, self._alloc, Sampler(eos), clock=self._clock,
+                                      wait_for=self.mover.wait_for)
+        self.engine = Engine(scheduler_config(max_num_seqs, max_num_batched_tokens, max_loras),
+                             self.cache, self.executor)
         self._ids = itertools.count()
         self._live: dict[str, _Live] = {}
         self._done: dict[str, Output] = {}
@@ -359,6 +382,11 @@ class LLM:
                                  f"{', '.join(self.adapter_names[:10]) or 'none'}")
         self.cache.adapter(adapter)  # UnknownAdapter names the registered ones
         params = sampling if sampling is not None else SamplingParams()
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and max(params.logit_bias) >= vocab:
+            raise SamplingParamsError("logit_bias", f"logit_bias token id "
+                                      f"{max(params.logit_bias)} is outside the vocabulary "
+                                      f"(0..{vocab - 1})")
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -412,16 +440,16 @@ class LLM:
         for rid, live in list(self._live.items()):
             req, tr = live.request, live.tracker
             new = req.generated[len(tr.token_ids):]
-            for t in new:
-                if tr.append(t):
+            lps = self.executor.take_logprobs(rid) if tr.logprobs is not None else []
+            for t, lp in itertools.zip_longest(new, lps):
+                if tr.append(t, lp):
                     break
             if req.state is RequestState.REJECTED:  # check_fits makes this unreachable
                 raise CacheError(req.reject_reason or f"request {rid} was rejected")
             if tr.finished:
                 self._finish(live)
             if new:
-                ids, text = tr.take_delta()
-                out.append(Delta(rid, text, ids, tr.finish_reason))
+                out.append(Delta(rid, *tr.take_delta(), finish_reason=tr.finish_reason))
         self.mover.forget_dropped(self.cache)  # adapters the step dropped (no move)
         return out
 
@@ -443,7 +471,7 @@ class LLM:
             tr.finish_reason or "abort", req.adapter, req.cached_tokens, ttft=req.ttft,
             tpot=(now - req.t_first_token) / (len(tr.token_ids) - 1)
             if req.t_first_token is not None and len(tr.token_ids) > 1 else None,
-            e2e=now - req.arrival, prompt=live.prompt)
+            e2e=now - req.arrival, prompt=live.prompt, logprobs=tr.logprobs)
         if req.adapter in self._draining:
             self._reap_drained()
 
@@ -456,8 +484,8 @@ class LLM:
             return None
         live.tracker.abort()
         self._finish(live)
-        ids, text = live.tracker.take_delta()
-        return Delta(request_id, text, ids, live.tracker.finish_reason)
+        return Delta(request_id, *live.tracker.take_delta(),
+                     finish_reason=live.tracker.finish_reason)
 
     def close(self) -> None:
         """Finish the copies in flight and stop the copy thread."""

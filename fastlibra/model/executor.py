@@ -44,7 +44,13 @@ from fastlibra.engine.engine import StepOutput
 from fastlibra.engine.scheduler import Batch
 from fastlibra.model.forward import ModelRunner, SeqInput
 from fastlibra.model.lora import ArenaLayout, LoraAdapter, load_adapter
-from fastlibra.model.sampling import GREEDY, Sampler, SamplingParams
+from fastlibra.model.sampling import (
+    GREEDY,
+    Sampler,
+    SamplingParams,
+    TokenLogprobs,
+    token_logprobs,
+)
 
 
 class ModelExecutor:
@@ -66,6 +72,8 @@ class ModelExecutor:
         self.sampler = sampler if sampler is not None else Sampler()
         self.clock = clock
         self._params: dict[str, SamplingParams] = {}
+        self._logprobs: dict[str, list[TokenLogprobs]] = {}
+        """Logprobs of sampled tokens not yet taken (`take_logprobs`), per request."""
         self._per_token = 0.0
         """Running mean of measured seconds per computed token (for `step_estimate`)."""
         self.steps = 0
@@ -76,7 +84,13 @@ class ModelExecutor:
     def release(self, request_id: str) -> None:
         """The request is done: forget its parameters and generator."""
         self._params.pop(request_id, None)
+        self._logprobs.pop(request_id, None)
         self.sampler.release(request_id)
+
+    def take_logprobs(self, request_id: str) -> list[TokenLogprobs]:
+        """Logprobs of the tokens sampled for the request since the last call, in order
+        (empty unless its parameters ask for logprobs)."""
+        return self._logprobs.pop(request_id, [])
 
     def step_estimate(self, batch: Batch) -> float:
         return self._per_token * batch.num_tokens
@@ -90,6 +104,7 @@ class ModelExecutor:
         seqs: list[SeqInput] = []
         complete: list[str] = []  # request ids whose row gets a token, in seqs order
         rows: list[int] = []
+        requests = []
         for item in batch.prefills:
             r = item.request
             end = item.prefix_len + item.num_tokens
@@ -98,12 +113,14 @@ class ModelExecutor:
             if end >= len(r.prompt) + len(r.generated):
                 complete.append(r.request_id)
                 rows.append(len(seqs) - 1)
+                requests.append(r)
         for r in batch.decodes:
             pos = r.num_computed  # the last sampled token, whose KV is not computed yet
             seqs.append(SeqInput(r.all_tokens[pos:pos + 1], pos,
                                  self.alloc_of(r.request_id).block_table(), r.adapter))
             complete.append(r.request_id)
             rows.append(len(seqs) - 1)
+            requests.append(r)
         tokens: dict[str, list[int]] = {}
         if seqs and self.wait_for is not None:
             self.wait_for((b for s in seqs for b in s.block_table),
@@ -112,8 +129,13 @@ class ModelExecutor:
             logits = self.model.forward(seqs)  # [len(seqs), vocab]
             if rows:
                 params = [self._params.get(rid, GREEDY) for rid in complete]
-                picked = self.sampler.sample(logits[rows], params, complete)
+                picked = self.sampler.sample(logits[rows], params, complete,
+                                             [(r.prompt, r.generated) for r in requests])
                 tokens = {rid: [t] for rid, t in zip(complete, picked, strict=True)}
+                lps = token_logprobs(logits[rows], picked, [p.logprobs for p in params])
+                for rid, lp in zip(complete, lps, strict=True):
+                    if lp is not None:
+                        self._logprobs.setdefault(rid, []).append(lp)
         duration = self.clock() - t0
         n = max(1, batch.num_tokens)
         self.steps += 1

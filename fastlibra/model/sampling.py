@@ -2,9 +2,16 @@
 detokenisation and stop conditions.
 
     logits [B, vocab] ─Sampler─► one token per row ─OutputTracker─► token_ids, text,
-    (temperature, top-k, top-p,                       (IncrementalDetokenizer: only whole
-     a torch.Generator per request)                    characters; stop ids / EOS / stop
-                                                       strings / max_tokens -> finish)
+    (logit_bias, min_tokens,      (+ logprobs of the   (IncrementalDetokenizer: only whole
+     repetition / frequency /      raw logits)          characters; stop ids / EOS / stop
+     presence penalties, then                           strings / max_tokens -> finish)
+     temperature, top-k, top-p,
+     a torch.Generator per request)
+
+The processing order is vLLM's: logit bias and min_tokens first, then the penalties
+(repetition over prompt and output, frequency and presence over the output), then
+temperature and truncation. Rows with default parameters skip the processing entirely.
+Logprobs, like vLLM's default, are those of the model's raw logits (before any of it).
 
 Reproducibility: a request with a `seed` draws from its own generator, consumed once per
 token, so its output does not depend on what else is in the batch (as long as the
@@ -49,6 +56,19 @@ class SamplingParams:
     """Token ids that finish the request (kept in token_ids, not in the text)."""
     ignore_eos: bool = False
     """Keep generating after the model's end-of-sequence token."""
+    min_tokens: int = 0
+    """EOS and stop_token_ids cannot be sampled before this many tokens."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (-2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated (-2..2)."""
+    repetition_penalty: float = 1.0
+    """Logits of tokens in the prompt or output: positive ones divided by it, negative
+    ones multiplied (> 0; 1 = off)."""
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids (-100..100)."""
+    logprobs: int | None = None
+    """Return the sampled token's logprob and this many most likely (0..MAX_LOGPROBS)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> SamplingParamsError:
@@ -78,22 +98,92 @@ class SamplingParams:
             raise bad("stop_token_ids", "a list of token ids (integers >= 0)")
         object.__setattr__(self, "stop_token_ids", ids)
 
+        def number(field: str, lo: float, hi: float) -> None:
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise bad(field, f"a number in [{lo}, {hi}]")
+
+        number("presence_penalty", -2, 2)
+        number("frequency_penalty", -2, 2)
+        r = self.repetition_penalty
+        if isinstance(r, bool) or not isinstance(r, int | float) or not 0 < r <= 10:
+            raise bad("repetition_penalty", "in (0, 10] (1 = off)")
+        m = self.min_tokens
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m <= self.max_tokens:
+            raise bad("min_tokens", f"an integer in [0, max_tokens={self.max_tokens}]")
+        lp = self.logprobs
+        if lp is not None and (isinstance(lp, bool) or not isinstance(lp, int)
+                               or not 0 <= lp <= MAX_LOGPROBS):
+            raise bad("logprobs", f"None or an integer in [0, {MAX_LOGPROBS}]")
+        if self.logit_bias is not None:
+            try:
+                bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                raise bad("logit_bias", "a map of token ids to numbers") from None
+            if any(k < 0 or not -100 <= v <= 100 for k, v in bias.items()):
+                raise bad("logit_bias", "a map of token ids (>= 0) to numbers in [-100, 100]")
+            object.__setattr__(self, "logit_bias", bias or None)
+
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
 
+    @property
+    def processes_logits(self) -> bool:
+        """Anything to do to the logits before temperature (penalties, bias, min_tokens)."""
+        return bool(self.logit_bias or self.min_tokens or self.presence_penalty
+                    or self.frequency_penalty or self.repetition_penalty != 1)
+
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20
+"""vLLM's default --max-logprobs, and OpenAI's limit for top_logprobs."""
 
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
-class Sampler:
-    """Picks one token per row of a logits batch; keeps each seeded request's generator."""
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """The logprob of one sampled token and of the most likely tokens at its position."""
 
-    def __init__(self) -> None:
+    token_id: int
+    logprob: float
+    rank: int
+    """1 = the most likely token."""
+    top: tuple[tuple[int, float], ...]
+    """(token id, logprob) of the `logprobs` most likely tokens, best first."""
+
+
+@torch.inference_mode()
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int],
+                   counts: Sequence[int | None]) -> list[TokenLogprobs | None]:
+    """Logprobs of `tokens[i]` under row i of the raw `logits` [B, vocab], with the
+    `counts[i]` most likely tokens; None for rows that did not ask (counts[i] None)."""
+    out: list[TokenLogprobs | None] = [None] * len(tokens)
+    rows = [i for i, k in enumerate(counts) if k is not None]
+    if not rows:
+        return out
+    lp = logits[rows].float().log_softmax(-1)
+    k = max(counts[i] for i in rows)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    picked = torch.tensor([tokens[i] for i in rows], device=lp.device)
+    chosen = lp.gather(1, picked[:, None])[:, 0]
+    ranks = (lp > chosen[:, None]).sum(-1) + 1
+    for j, i in enumerate(rows):
+        n = counts[i]
+        out[i] = TokenLogprobs(tokens[i], float(chosen[j]), int(ranks[j]), tuple(zip(
+            top_i[j, :n].tolist(), top_v[j, :n].tolist(), strict=True)))
+    return out
+
+
+class Sampler:
+    """Picks one token per row of a logits batch; keeps each seeded request's generator.
+    `eos_token_ids` are what `min_tokens` holds back (with each request's stop ids)."""
+
+    def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        self.eos_token_ids = frozenset(eos_token_ids)
 
     def release(self, key: str) -> None:
         """The request is done: forget its generator."""
@@ -108,13 +198,42 @@ class Sampler:
             g = self._generators[key] = torch.Generator(device=device).manual_seed(params.seed)
         return g
 
+    def _process(self, row: torch.Tensor, p: SamplingParams, prompt: Sequence[int],
+                 output: Sequence[int]) -> None:
+        """Bias, min_tokens and penalties applied to one float32 row in place."""
+        dev = row.device
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), device=dev)
+            row.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=dev))
+        if len(output) < p.min_tokens:
+            banned = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            if banned:
+                row[torch.tensor(sorted(banned), device=dev)] = -math.inf
+        if p.repetition_penalty != 1:
+            seen = torch.tensor(sorted(set(prompt) | set(output)), device=dev)
+            v = row[seen]
+            row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        if output and (p.frequency_penalty or p.presence_penalty):
+            ids, counts = torch.tensor(list(output), device=dev).unique(return_counts=True)
+            row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-               keys: Sequence[str]) -> list[int]:
-        """logits [B, vocab]; `params[i]` and `keys[i]` (request ids) belong to row i."""
+               keys: Sequence[str],
+               history: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
+               ) -> list[int]:
+        """logits [B, vocab]; `params[i]`, `keys[i]` (request ids) and `history[i]` (prompt
+        and output ids so far, for penalties and min_tokens) belong to row i."""
         if not (logits.shape[0] == len(params) == len(keys)):
             raise ValueError(f"{logits.shape[0]} logits rows, {len(params)} params, "
                              f"{len(keys)} keys")
+        special = [i for i, p in enumerate(params) if p.processes_logits]
+        if special:
+            if history is None:
+                raise ValueError("penalties and min_tokens need each row's history")
+            logits = logits.float().clone()  # the raw logits stay as they were (logprobs)
+            for i in special:
+                self._process(logits[i], params[i], *history[i])
         out = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
@@ -203,6 +322,8 @@ class OutputTracker:
         if not params.ignore_eos:
             self.stop_ids |= set(eos_token_ids)
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+        """One per token of `token_ids` when the request asked for logprobs."""
         self.text = ""
         self.finish_reason: str | None = None
         self._hold = max((len(s) for s in params.stop), default=1) - 1
@@ -213,10 +334,13 @@ class OutputTracker:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token_id: int) -> bool:
-        """Add one sampled token; True when the request is finished."""
+    def append(self, token_id: int, logprobs: TokenLogprobs | None = None) -> bool:
+        """Add one sampled token (and its logprobs, if asked); True when finished."""
         assert not self.finished, "token after finish"
         self.token_ids.append(token_id)
+        if self.logprobs is not None:
+            assert logprobs is not None and logprobs.token_id == token_id
+            self.logprobs.append(logprobs)
         if token_id in self.stop_ids:
             self.finish_reason = "stop"
             return True
@@ -234,6 +358,8 @@ class OutputTracker:
             return
         start = len(self.text)
         self.text += delta
+        if len(self.token_ids) < self.params.min_tokens:
+            return
         hits = [i for s in self.params.stop
                 if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
         if hits:
@@ -244,11 +370,13 @@ class OutputTracker:
         if not self.finished:
             self.finish_reason = "abort"
 
-    def take_delta(self) -> tuple[list[int], str]:
-        """Token ids and text not handed out yet. While running, the last characters that
-        could be the start of a stop string are held back."""
+    def take_delta(self) -> tuple[list[int], str, list[TokenLogprobs] | None]:
+        """Token ids, text and logprobs (None if not asked) not handed out yet. While
+        running, the last characters that could be the start of a stop string are held
+        back."""
         end = len(self.text) if self.finished else max(self._sent_chars,
                                                        len(self.text) - self._hold)
         ids, text = self.token_ids[self._sent_ids:], self.text[self._sent_chars:end]
+        lps = None if self.logprobs is None else self.logprobs[self._sent_ids:]
         self._sent_ids, self._sent_chars = len(self.token_ids), end
-        return ids, text
+        return ids, text, lps

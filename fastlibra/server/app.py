@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from fastlibra import __version__
 from fastlibra.cache import RequestTooLarge, UnknownAdapter
 from fastlibra.llm import LLM, AsyncLLM, Delta, Output, PromptTooLong
 from fastlibra.model.lora import AdapterLoadError
-from fastlibra.model.sampling import SamplingParams, SamplingParamsError
+from fastlibra.model.sampling import SamplingParams, SamplingParamsError, TokenLogprobs
 from fastlibra.server import protocol as P
 from fastlibra.server.metrics import ServerMetrics
 
@@ -295,8 +296,13 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
             raise _as_api_error(e, prompt_field) from None
         return rids
 
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_str(t: int) -> str:
+        """A token's text in logprobs (vLLM's "token_id:N" without a tokenizer)."""
+        return llm.tokenizer.decode([t]) if llm.tokenizer is not None else f"token_id:{t}"
+
     async def complete(request: Request, body: P._Sampling, prompts: list, prompt_field: str,
-                       chat: bool):
+                       chat: bool, echo: list[str] | None = None):
         adapter = adapter_for(body.model)
         try:
             params = body.sampling(default_max_tokens=16 if not chat else llm.max_model_len)
@@ -304,20 +310,29 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
             raise _as_api_error(e, prompt_field) from None
         rids = await submit(prompts, adapter, params, body.n, prompt_field)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
+        choice = _Choices(chat, token_str, echo and [e for e in echo for _ in range(body.n)])
         if body.stream:
-            return _EngineStream(engine, rids, _sse(engine, rids, rid, body, chat))
+            return _EngineStream(engine, rids, _sse(engine, rids, rid, body, choice))
         outputs = await _collect(engine, rids, request)
         if outputs is None:  # the client went away: its requests are aborted
             return Response(status_code=499)
-        choices = [P.chat_choice(i, o.text, o.finish_reason, delta=False) if chat
-                   else P.completion_choice(i, o.text, o.finish_reason)
+        choices = [choice(i, o.text, o.finish_reason, o.logprobs, delta=False)
                    for i, o in enumerate(outputs)]
         return P.envelope("chat.completion" if chat else "text_completion", rid, body.model,
                           choices, _usage(outputs, body.n))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request, body: P.CompletionRequest):
-        return await complete(request, body, body.prompts(), "prompt", chat=False)
+        prompts = body.prompts()
+        echo = None
+        if body.echo:
+            echo = [p if isinstance(p, str) else token_text(p) for p in prompts]
+        return await complete(request, body, prompts, "prompt", chat=False, echo=echo)
+
+    def token_text(ids: list[int]) -> str:
+        if llm.tokenizer is None:
+            raise P.ApiError(400, "echo of token ids needs a tokenizer", "echo")
+        return llm.tokenizer.decode(ids)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request, body: P.ChatCompletionRequest):
@@ -416,11 +431,39 @@ async def _merged(engine: AsyncLLM, rids: list[str]) -> AsyncIterator[tuple[int,
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _Choices:
+    """Builds each choice (whole, or a stream's deltas) with its logprobs, and with the
+    prompt in front of its first text when echoing."""
+
+    def __init__(self, chat: bool, token: Callable[[int], str], echo: list[str] | None) -> None:
+        self.chat, self.token, self.echo = chat, token, echo
+        self.token_offset: dict[int, int] = {}
+        """Per choice: where its next token starts in the text returned so far."""
+
+    def __call__(self, i: int, text: str, finish_reason: str | None,
+                 lps: list[TokenLogprobs] | None, delta: bool) -> dict:
+        first = i not in self.token_offset
+        if first:
+            prefix = self.echo[i] if self.echo else ""
+            text = prefix + text
+            self.token_offset[i] = len(prefix)
+        logprobs = None
+        if lps is not None:
+            if self.chat:
+                logprobs = P.chat_logprobs(lps, self.token)
+            else:
+                logprobs = P.completion_logprobs(lps, self.token, self.token_offset[i])
+                self.token_offset[i] += sum(len(t) for t in logprobs["tokens"])
+        if self.chat:
+            return P.chat_choice(i, text, finish_reason, delta=delta, first=first,
+                                 logprobs=logprobs)
+        return P.completion_choice(i, text, finish_reason, logprobs)
+
+
 async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
-               chat: bool) -> AsyncIterator[str]:
+               choice: _Choices) -> AsyncIterator[str]:
     """OpenAI's stream: one `data: {chunk}` per delta, a usage chunk if asked, [DONE]."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    started: set[int] = set()
+    kind = "chat.completion.chunk" if choice.chat else "text_completion"
     outputs: dict[int, Output] = {}
 
     def chunk(choices: list[dict], usage: dict | None = None) -> str:
@@ -430,13 +473,7 @@ async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
         async for i, d in _merged(engine, rids):
             if d.output is not None:
                 outputs[i] = d.output
-            if chat:
-                first = i not in started
-                started.add(i)
-                choice = P.chat_choice(i, d.text, d.finish_reason, delta=True, first=first)
-            else:
-                choice = P.completion_choice(i, d.text, d.finish_reason)
-            yield chunk([choice])
+            yield chunk([choice(i, d.text, d.finish_reason, d.logprobs, delta=True)])
         if body.include_usage:
             ordered = [outputs[i] for i in sorted(outputs)]
             yield chunk([], _usage(ordered, body.n))

@@ -1,21 +1,23 @@
 """The OpenAI wire format: request bodies (validated by pydantic, so FastAPI publishes
 them in the OpenAPI schema), response and stream-chunk builders, and errors.
 
-Fields follow OpenAI's API and vLLM's extensions (`top_k`, `stop_token_ids`,
-`ignore_eos`). Fields we accept but cannot honour (`logprobs`, penalties, `best_of`,
-`logit_bias`, `suffix`, `echo`, `tools`) are refused with a 400 naming the field rather
-than silently ignored; unknown fields are ignored, as OpenAI does.
+Fields follow OpenAI's API and vLLM's extensions (`top_k`, `min_tokens`,
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`). Fields we accept but cannot honour
+(`best_of`, `suffix`, `echo` with `logprobs`, `tools`) are refused with a 400 naming the
+field rather than silently ignored; unknown fields are ignored, as OpenAI does.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from fastlibra.model.sampling import SamplingParams
+from fastlibra.model.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -59,46 +61,61 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Accepted by OpenAI's API, refused here unless left at their no-op values.
-    logprobs: Any = None
-    top_logprobs: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: Any = None
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
+    presence_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    repetition_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    """vLLM's extension: > 1 discourages tokens of the prompt and output."""
+    logit_bias: dict[str, float] | None = None
     best_of: Any = None
+    """Refused unless left out: one sequence is sampled per choice."""
 
-    _UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "best_of")
+    def num_logprobs(self) -> int | None:
+        """How many top logprobs per token (None = no logprobs)."""
+        return None
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
-        for name in self._UNSUPPORTED:
-            if getattr(self, name) not in (None, False):
-                raise ApiError(400, f"{name} is not supported by this server", param=name)
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0):
-                raise ApiError(400, f"{name} is not supported by this server (only 0)",
-                               param=name)
+        if self.best_of not in (None, False):
+            raise ApiError(400, "best_of is not supported by this server", param="best_of")
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        max_tokens = self.max_tokens or default_max_tokens
+        if self.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens ({self.min_tokens}) is above max_tokens "
+                           f"({max_tokens})", param="min_tokens")
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k if self.top_k is not None and self.top_k > 0 else None,
-            seed=self.seed, max_tokens=self.max_tokens or default_max_tokens,
+            seed=self.seed, max_tokens=max_tokens,
             stop=tuple(stop), stop_token_ids=tuple(self.stop_token_ids or ()),
-            ignore_eos=self.ignore_eos)
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None
+            else self.repetition_penalty,
+            logit_bias=self.logit_bias, logprobs=self.num_logprobs())
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+Logprobs = Annotated[StrictInt, Field(ge=0, le=MAX_LOGPROBS)]
+
+
 class CompletionRequest(_Sampling):
     prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=64)]
+    logprobs: Logprobs | None = None
     echo: bool = False
     suffix: str | None = None
 
+    def num_logprobs(self) -> int | None:
+        if self.echo and self.logprobs is not None:
+            raise ApiError(400, "echo with logprobs (the prompt's logprobs) is not supported "
+                           "by this server; use one or the other", param="echo")
+        return self.logprobs
+
     def prompts(self) -> list[str | list[int]]:
-        if self.echo:
-            raise ApiError(400, "echo is not supported by this server", param="echo")
         if self.suffix:
             raise ApiError(400, "suffix is not supported by this server", param="suffix")
         p = self.prompt
@@ -132,6 +149,13 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     tools: Any = None
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Logprobs | None = None
+
+    def num_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def conversation(self) -> list[dict[str, str]]:
         if self.tools:
@@ -198,18 +222,41 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(index: int, text: str, finish_reason: str | None,
+                      logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None, *, delta: bool,
-                first: bool = False) -> dict:
+                first: bool = False, logprobs: dict | None = None) -> dict:
     if delta:
         message = ({"role": "assistant", "content": text} if first else {"content": text})
-        return {"index": index, "delta": message, "logprobs": None,
+        return {"index": index, "delta": message, "logprobs": logprobs,
                 "finish_reason": finish_reason}
     return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": None, "finish_reason": finish_reason}
+            "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_logprobs(lps: list[TokenLogprobs], token: Callable[[int], str],
+                        offset: int) -> dict:
+    """The completions API's logprobs: token strings, their logprobs, the top ones (the
+    sampled token included, as OpenAI and vLLM do) and each token's offset in the text."""
+    tokens = [token(lp.token_id) for lp in lps]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{token(t): v for t, v in lp.top} | {tok: lp.logprob}
+                             for lp, tok in zip(lps, tokens, strict=True)],
+            "text_offset": offsets if lps else []}
+
+
+def chat_logprobs(lps: list[TokenLogprobs], token: Callable[[int], str]) -> dict:
+    """The chat API's logprobs: per token its string, logprob, UTF-8 bytes and top ones."""
+    def entry(t: int, v: float) -> dict:
+        s = token(t)
+        return {"token": s, "logprob": v, "bytes": list(s.encode())}
+
+    return {"content": [entry(lp.token_id, lp.logprob) | {
+        "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in lps]}
 
 
 def envelope(kind: str, rid: str, model: str, choices: list[dict],

@@ -23,7 +23,7 @@ from fastlibra.cache.pool import BlockKind
 from fastlibra.cache.tree import KVNode
 from fastlibra.cli import main
 from fastlibra.llm import LLM, AsyncLLM, LoRARequest, PromptTooLong
-from fastlibra.model.sampling import SamplingParams
+from fastlibra.model.sampling import SamplingParams, SamplingParamsError
 
 torch.set_num_threads(1)
 
@@ -422,3 +422,34 @@ def test_vllm_engine_arguments(served):
         make_llm(served, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="enable_lora=False is not supported"):
         make_llm(served, enable_lora=False)
+
+
+def test_vllm_python_api_logprobs_penalties_and_min_tokens(served):
+    _, _, ref = served
+    llm = make_llm(served)
+    prompt = tokens(7, 60)
+    (out,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=4, logprobs=2,
+                                                 ignore_eos=True), adapter="a")
+    (c,) = out.outputs
+    assert c.token_ids == ref.greedy(prompt, "a", 4)
+    context = list(prompt)
+    for t, lps in zip(c.token_ids, c.logprobs, strict=True):
+        row = ref.logits(context, "a")[-1].log_softmax(-1)
+        best = row.topk(2)
+        assert set(lps) == {t, *best.indices.tolist()}
+        assert all(abs(lps[i].logprob - float(row[i])) < 1e-4 for i in lps)
+        assert lps[int(best.indices[0])].rank == 1
+        context.append(t)
+    assert c.cumulative_logprob == pytest.approx(sum(c.logprobs[i][t].logprob for i, t in
+                                                     enumerate(c.token_ids)))
+    # greedy repeats itself; with the strongest penalties no token comes twice
+    (plain,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12,
+                                                   ignore_eos=True))
+    (fresh,) = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12,
+                                                   ignore_eos=True, frequency_penalty=2,
+                                                   presence_penalty=2))
+    assert len(set(plain.token_ids)) < 12 == len(set(fresh.token_ids))
+    eos = SamplingParams(temperature=0, max_tokens=8, logit_bias={2: 50.0}, min_tokens=3)
+    assert llm.generate(prompt, eos)[0].token_ids[3:] == [2]
+    with pytest.raises(SamplingParamsError, match="logit_bias token id 300 is outside"):
+        llm.generate(prompt, SamplingParams(logit_bias={300: 1.0}))

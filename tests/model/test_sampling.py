@@ -23,7 +23,12 @@ torch.set_num_threads(1)
     ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"seed": 1.5}, "seed"), ({"stop": [""]}, "stop"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"repetition_penalty": 0},
+                                                         "repetition_penalty"),
+    ({"min_tokens": 17}, "min_tokens"), ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": True}, "logprobs"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {5: 101}}, "logit_bias"),
 ])
 def test_bad_params_name_the_field(kw, field):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} must be"):

@@ -157,8 +157,10 @@ def test_unknown_model_is_404_naming_the_model(client):
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", 5), ("top_p", 0), ("max_tokens", 0), ("n", 0), ("top_k", -5),
-    ("stop", [""]), ("prompt", ""), ("prompt", [-1]), ("seed", "x"), ("logprobs", 2),
-    ("presence_penalty", 0.5), ("stream_options", {"include_usage": "maybe"}),
+    ("stop", [""]), ("prompt", ""), ("prompt", [-1]), ("seed", "x"), ("logprobs", 21),
+    ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+    ("logit_bias", {"abc": 1}), ("logit_bias", {"999": 1}), ("logit_bias", {"5": 200}),
+    ("min_tokens", 3), ("best_of", 2), ("stream_options", {"include_usage": "maybe"}),
 ])
 def test_invalid_parameters_are_400_naming_the_field(server, field, value):
     body = {"model": MODEL_NAME, "prompt": "w005 w006", "max_tokens": 2, field: value}
