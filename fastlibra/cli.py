@@ -410,6 +410,18 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
 
+    structured = bsub.add_parser("structured", help="decode throughput of a batch under a "
+                                 "JSON schema (llguidance) against the same batch unconstrained")
+    structured.add_argument("--batch", type=_positive(int), default=16)
+    structured.add_argument("--tokens", type=_positive(int), default=64,
+                            help="new tokens per request (default 64)")
+    structured.add_argument("--reps", type=_positive(int), default=3)
+    structured.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    for flag, default in REPLAY_SHAPE.items():
+        structured.add_argument(flag, type=int, default=default,
+                                help=f"model shape (default {default}: bench replay's)")
+    structured.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
     bserve = bsub.add_parser("serve", help="replay a multi-turn multi-adapter workload "
                              "against any OpenAI-compatible server (ours, vLLM, SGLang) over "
                              "HTTP: TTFT/TPOT percentiles, throughput, cached tokens")
@@ -490,6 +502,7 @@ _BENCHMARKS = {
     "replay": ("fastlibra.bench.replay", "run_replay"),
     "fidelity": ("fastlibra.bench.fidelity", "run_fidelity"),
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
+    "structured": ("fastlibra.bench.structured", "run_structured"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 

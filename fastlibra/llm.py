@@ -32,6 +32,7 @@ from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
 from fastlibra.model.executor import ArenaMover, ModelExecutor
 from fastlibra.model.forward import KVCache, ModelRunner
+from fastlibra.model.grammar import GrammarCompiler
 from fastlibra.model.loader import default_device, load_model, resolve_dtype
 from fastlibra.model.sampling import (
     IncrementalDetokenizer,
@@ -286,8 +287,10 @@ class LLM:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self.executor = ModelExecutor(self.runner, self._alloc, Sampler(eos), clock=self._clock,
-                                      wait_for=self.mover.wait_for)
+        self.grammars = (GrammarCompiler(self.tokenizer, cfg.vocab_size, sorted(eos))
+                         if self.tokenizer is not None else None)
+        self.executor = ModelExecutor(self.runner, self._alloc, Sampler(eos, self.grammars),
+                                      clock=self._clock, wait_for=self.mover.wait_for)
         self.engine = Engine(scheduler_config(max_num_seqs, max_num_batched_tokens, max_loras),
                              self.cache, self.executor)
         self._ids = itertools.count()
@@ -382,6 +385,11 @@ class LLM:
                                  f"{', '.join(self.adapter_names[:10]) or 'none'}")
         self.cache.adapter(adapter)  # UnknownAdapter names the registered ones
         params = sampling if sampling is not None else SamplingParams()
+        if params.structured is not None:  # compiled now (once): a bad schema fails here
+            if self.grammars is None:
+                raise SamplingParamsError("structured_output", "structured output needs "
+                                          "the model's tokenizer files")
+            self.grammars.compiled(params.structured)
         vocab = self.model_config.vocab_size
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise SamplingParamsError("logit_bias", f"logit_bias token id "

@@ -20,6 +20,7 @@ logits do not; batched matmuls may differ in the last bits).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,48 @@ class SamplingParamsError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must match (exactly one field): a JSON schema, any JSON object, a
+    regular expression, one of some strings, or a Lark grammar. `model/grammar.py`
+    compiles it (llguidance) and masks the logits of the rows that carry it."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [f for f in ("json", "regex", "choice", "grammar")
+                 if getattr(self, f) is not None] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise SamplingParamsError("structured_output", "give exactly one of json, "
+                                      "json_object, regex, choice and grammar; got "
+                                      f"{', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(self.json, dict | str):
+            raise SamplingParamsError("structured_output", "json must be a JSON schema "
+                                      "(an object, or its text)")
+        for f in ("regex", "grammar"):
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), str):
+                raise SamplingParamsError("structured_output", f"{f} must be a string")
+        if self.choice is not None:
+            choice = tuple(self.choice)
+            if not choice or any(not isinstance(c, str) or not c for c in choice):
+                raise SamplingParamsError("structured_output",
+                                          "choice must be a list of non-empty strings")
+            object.__setattr__(self, "choice", choice)
+
+    @property
+    def key(self) -> str:
+        """The same constraint, the same key (the compiled-grammar cache's)."""
+        return json.dumps([self.json, self.json_object, self.regex, self.choice, self.grammar],
+                          sort_keys=True)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
 
 
 @dataclass(frozen=True)
@@ -69,6 +112,8 @@ class SamplingParams:
     """Added to the logits of these token ids (-100..100)."""
     logprobs: int | None = None
     """Return the sampled token's logprob and this many most likely (0..MAX_LOGPROBS)."""
+    structured: StructuredOutput | None = None
+    """Constrain the output to a schema, regex, choice or grammar."""
 
     def __post_init__(self) -> None:
         def bad(field: str, want: str) -> SamplingParamsError:
@@ -123,6 +168,12 @@ class SamplingParams:
             if any(k < 0 or not -100 <= v <= 100 for k, v in bias.items()):
                 raise bad("logit_bias", "a map of token ids (>= 0) to numbers in [-100, 100]")
             object.__setattr__(self, "logit_bias", bias or None)
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise bad("structured", "None or a StructuredOutput")
+            if self.min_tokens:
+                raise bad("min_tokens", "0 with structured output (the grammar decides "
+                          "where the output may end)")
 
     @property
     def greedy(self) -> bool:
@@ -132,7 +183,8 @@ class SamplingParams:
     def processes_logits(self) -> bool:
         """Anything to do to the logits before temperature (penalties, bias, min_tokens)."""
         return bool(self.logit_bias or self.min_tokens or self.presence_penalty
-                    or self.frequency_penalty or self.repetition_penalty != 1)
+                    or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.structured)
 
 
 GREEDY_BELOW = 1e-5
@@ -178,16 +230,21 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int],
 
 
 class Sampler:
-    """Picks one token per row of a logits batch; keeps each seeded request's generator.
-    `eos_token_ids` are what `min_tokens` holds back (with each request's stop ids)."""
+    """Picks one token per row of a logits batch; keeps each seeded request's generator
+    and each constrained request's grammar matcher. `eos_token_ids` are what `min_tokens`
+    holds back (with each request's stop ids); `grammars` (`grammar.GrammarCompiler`)
+    compiles structured-output constraints."""
 
-    def __init__(self, eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(self, eos_token_ids: Iterable[int] = (), grammars=None) -> None:
         self._generators: dict[str, torch.Generator] = {}
+        self._matchers: dict[str, object] = {}
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.grammars = grammars
 
     def release(self, key: str) -> None:
-        """The request is done: forget its generator."""
+        """The request is done: forget its generator and matcher."""
         self._generators.pop(key, None)
+        self._matchers.pop(key, None)
 
     def _generator(self, key: str, params: SamplingParams,
                    device: torch.device) -> torch.Generator | None:
@@ -228,12 +285,37 @@ class Sampler:
             raise ValueError(f"{logits.shape[0]} logits rows, {len(params)} params, "
                              f"{len(keys)} keys")
         special = [i for i, p in enumerate(params) if p.processes_logits]
+        constrained = [i for i in special if params[i].structured is not None]
         if special:
             if history is None:
                 raise ValueError("penalties and min_tokens need each row's history")
             logits = logits.float().clone()  # the raw logits stay as they were (logprobs)
             for i in special:
                 self._process(logits[i], params[i], *history[i])
+        if constrained:
+            matchers = [self._matcher(keys[i], params[i]) for i in constrained]
+            rows = logits[constrained]
+            self.grammars.mask(rows, matchers)
+            logits[constrained] = rows
+        out = self._pick(logits, params, keys)
+        for i in constrained:
+            m = self._matchers[keys[i]]
+            if not m.is_stopped():  # a finished grammar allows only EOS
+                m.consume_token(out[i])
+        return out
+
+    def _matcher(self, key: str, params: SamplingParams):
+        m = self._matchers.get(key)
+        if m is None:
+            if self.grammars is None:
+                raise SamplingParamsError("structured_output", "structured output needs "
+                                          "the model's tokenizer")
+            m = self._matchers[key] = self.grammars.matcher(params.structured)
+        return m
+
+    def _pick(self, logits: torch.Tensor, params: Sequence[SamplingParams],
+              keys: Sequence[str]) -> list[int]:
+        """Greedy rows by argmax, the others by temperature, top-k, top-p."""
         out = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:

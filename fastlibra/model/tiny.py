@@ -44,10 +44,11 @@ def word(token_id: int) -> str:
 
 def build_tiny_model(root: Path, *, num_adapters: int = 4, ranks: tuple[int, ...] = (8, 16),
                      seed: int = 0, dtype: torch.dtype = torch.float32,
-                     **shape) -> tuple[Path, dict[str, Path]]:
+                     byte_tokenizer: bool = False, **shape) -> tuple[Path, dict[str, Path]]:
     """Write the model (its weights in `dtype`) and `num_adapters` float32 adapters
     (adapter i has rank ranks[i % len]) under `root`; `shape` overrides `TINY_SHAPE`
-    (LlamaConfig keywords). Same seed, same files."""
+    (LlamaConfig keywords). `byte_tokenizer`: `save_byte_tokenizer`'s instead of the word
+    tokenizer (for structured output). Same seed, same files."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**{**TINY_SHAPE, **shape}, bos_token_id=1, eos_token_id=2)
@@ -57,7 +58,11 @@ def build_tiny_model(root: Path, *, num_adapters: int = 4, ranks: tuple[int, ...
     base = root / "base"
     AutoModelForCausalLM.from_config(cfg, dtype=dtype).save_pretrained(
         base, safe_serialization=True)
-    save_tokenizer(base, cfg.vocab_size)
+    if byte_tokenizer:
+        if save_byte_tokenizer(base) > cfg.vocab_size:
+            raise ValueError("the byte tokenizer needs vocab_size >= 263")
+    else:
+        save_tokenizer(base, cfg.vocab_size)
     gen = torch.Generator().manual_seed(seed + 1)
     adapters: dict[str, Path] = {}
     for i in range(num_adapters):
@@ -79,6 +84,32 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
                                    additional_special_tokens=list(SPECIALS[3:]))
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
+
+
+BYTE_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_byte_tokenizer(path: Path) -> int:
+    """A byte-level tokenizer (GPT-2's byte alphabet, no merges): any text, JSON
+    included, is a sequence of its tokens, so grammars can constrain it (the word
+    tokenizer has no '{'). <pad>=0 <s>=1 </s>=2 (eos), bytes 3..258, then role tokens.
+    Returns its size; a model may have a larger vocabulary (ids beyond decode to "")."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    roles = [f"<|{r}|>" for r in (*ROLES, "tool")]
+    vocab = {t: i for i, t in enumerate([*SPECIALS[:3], *alphabet, *roles])}
+    tok = Tokenizer(models.BPE(vocab, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", additional_special_tokens=roles)
+    fast.chat_template = BYTE_CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return len(vocab)
 
 
 def save_lora(path: Path, base: Path, cfg, rank: int, gen: torch.Generator) -> Path:

@@ -308,7 +308,13 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
             params = body.sampling(default_max_tokens=16 if not chat else llm.max_model_len)
         except SamplingParamsError as e:
             raise _as_api_error(e, prompt_field) from None
-        rids = await submit(prompts, adapter, params, body.n, prompt_field)
+        try:
+            rids = await submit(prompts, adapter, params, body.n, prompt_field)
+        except P.ApiError as e:  # a schema, regex or grammar llguidance rejected
+            if e.param == "structured_output":
+                e.param = body.structured()[1]
+                e.message = f"{e.param}: {e.message}"
+            raise
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         choice = _Choices(chat, token_str, echo and [e for e in echo for _ in range(body.n)])
         if body.stream:

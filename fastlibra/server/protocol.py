@@ -2,7 +2,8 @@
 them in the OpenAPI schema), response and stream-chunk builders, and errors.
 
 Fields follow OpenAI's API and vLLM's extensions (`top_k`, `min_tokens`,
-`repetition_penalty`, `stop_token_ids`, `ignore_eos`). Fields we accept but cannot honour
+`repetition_penalty`, `stop_token_ids`, `ignore_eos`, `guided_json`, `guided_regex`,
+`guided_choice`, `guided_grammar`). Fields we accept but cannot honour
 (`best_of`, `suffix`, `echo` with `logprobs`, `tools`) are refused with a 400 naming the
 field rather than silently ignored; unknown fields are ignored, as OpenAI does.
 """
@@ -17,7 +18,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from fastlibra.model.sampling import MAX_LOGPROBS, SamplingParams, TokenLogprobs
+from fastlibra.model.sampling import (
+    MAX_LOGPROBS,
+    SamplingParams,
+    SamplingParamsError,
+    StructuredOutput,
+    TokenLogprobs,
+)
 
 NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -40,6 +47,23 @@ class ApiError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    name: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object or json_schema."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Sampling(BaseModel):
@@ -69,6 +93,38 @@ class _Sampling(BaseModel):
     logit_bias: dict[str, float] | None = None
     best_of: Any = None
     """Refused unless left out: one sequence is sampled per choice."""
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[NonEmptyStr], Field(min_length=1)] | None = None
+    guided_grammar: StrictStr | None = None
+    """vLLM's structured-output fields; guided_grammar is a Lark grammar here."""
+
+    def structured(self) -> tuple[StructuredOutput | None, str | None]:
+        """The output constraint and the field that gave it (at most one may)."""
+        given: list[tuple[str, dict]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise ApiError(400, "response_format json_schema needs json_schema.schema",
+                               param="response_format")
+            given.append(("response_format", {"json": rf.json_schema.json_schema}))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            if getattr(self, name) is not None:
+                given.append((name, {key: getattr(self, name)}))
+        if not given:
+            return None, None
+        if len(given) > 1:
+            raise ApiError(400, f"give one output constraint, not {given[0][0]} and "
+                           f"{given[1][0]}", param=given[1][0])
+        name, spec = given[0]
+        try:
+            return StructuredOutput(**spec), name
+        except SamplingParamsError as e:
+            raise ApiError(400, f"{name}: {e}", param=name) from None
 
     def num_logprobs(self) -> int | None:
         """How many top logprobs per token (None = no logprobs)."""
@@ -93,7 +149,8 @@ class _Sampling(BaseModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             repetition_penalty=1.0 if self.repetition_penalty is None
             else self.repetition_penalty,
-            logit_bias=self.logit_bias, logprobs=self.num_logprobs())
+            logit_bias=self.logit_bias, logprobs=self.num_logprobs(),
+            structured=self.structured()[0])
 
     @property
     def include_usage(self) -> bool:

@@ -58,3 +58,20 @@ def served_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, 
                                       targets="all-linear")}
         _BUILT["served"] = (base, adapters, Reference(base, adapters))
     return _BUILT["served"]
+
+
+BYTE_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+"""A random Llama whose tokenizer is byte level (fastlibra.model.tiny.save_byte_tokenizer):
+JSON, regexes and tool-call tags can be written in its tokens."""
+
+
+def byte_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """(model dir, {"lora-0": dir}) of the byte-tokenizer model, built once."""
+    if "bytes" not in _BUILT:
+        from fastlibra.model.tiny import build_tiny_model
+
+        root = tmp_path_factory.mktemp("bytes")
+        _BUILT["bytes"] = build_tiny_model(root, num_adapters=1, byte_tokenizer=True,
+                                           seed=5, **BYTE_SHAPE)
+    return _BUILT["bytes"]
