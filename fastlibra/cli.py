@@ -333,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a Jinja chat template (file or text) instead of the tokenizer's")
     serve.add_argument("--seed", type=int, default=None,
                        help="seed of the sampling RNG for requests without their own seed")
+    serve.add_argument("--tool-call-parser", choices=["hermes", "llama3_json"], default=None,
+                       help="the format of tool calls in the model's output for tool_choice "
+                       "auto (default: hermes for Qwen2 and Mistral, llama3_json for Llama)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM command lines: tool_choice auto is always on")
     serve.add_argument("--metrics-compat", choices=["vllm"], default=None,
                        help="/metrics also exports vLLM's metric names (vllm:...) where they "
                        "mean the same here")
@@ -536,6 +541,7 @@ def _dispatch(args) -> int:
             adapter_parents={n: b for n, _, b in args.lora_modules if b},
             chat_template=_chat_template(args.chat_template),
             uvicorn_log_level=args.uvicorn_log_level, metrics_compat=args.metrics_compat,
+            tool_call_parser=args.tool_call_parser,
             engine_args=_llm_args(args) | {"seed": args.seed}))
         return 0
     if args.command == "bench":

@@ -546,8 +546,9 @@ class LLM:
         return self.generate(prompts, sampling_params, lora_request, adapter=adapter)
 
     def render_chat(self, conversation: Sequence[dict], chat_template: str | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        """The prompt text of a conversation under the chat template."""
+                    add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The prompt text of a conversation (and the tools it may call, in OpenAI's form)
+        under the chat template."""
         if any(not isinstance(m, dict) for m in conversation):
             raise TypeError("each conversation must be a list of {'role', 'content'} dicts")
         tok = self.tokenizer
@@ -556,7 +557,7 @@ class LLM:
                              "chat_template)")
         return tok.apply_chat_template(list(conversation), chat_template=chat_template,
                                        add_generation_prompt=add_generation_prompt,
-                                       tokenize=False)
+                                       tools=tools, tokenize=False)
 
     def _lora(self, request: LoRARequest | None) -> str | None:
         """The adapter name of a `LoRARequest`, loading its directory the first time."""

@@ -87,8 +87,13 @@ def save_tokenizer(path: Path, vocab_size: int) -> None:
 
 
 BYTE_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if tools %}<|system|>{{ tools | tojson }}\n{% endif %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% for c in m.get('tool_calls') or [] %}<tool_call>{{ c.function | tojson }}</tool_call>"
+    "{% endfor %}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+"""Tools (OpenAI's form) as a system line, and earlier calls in hermes tags, as Qwen2's
+template writes them."""
 
 
 def save_byte_tokenizer(path: Path) -> int:

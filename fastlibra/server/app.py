@@ -36,6 +36,7 @@ from fastlibra.model.lora import AdapterLoadError
 from fastlibra.model.sampling import SamplingParams, SamplingParamsError, TokenLogprobs
 from fastlibra.server import protocol as P
 from fastlibra.server.metrics import ServerMetrics
+from fastlibra.server.tools import PARSER_OF_MODEL, ToolCalling, ToolError, ToolStream, call_id
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
@@ -74,6 +75,9 @@ class ServerConfig:
     uvicorn_log_level: str = "warning"
     metrics_compat: str | None = None
     """Also export another server's metric names on /metrics ("vllm")."""
+    tool_call_parser: str | None = None
+    """How `tool_choice: auto` output is parsed (hermes, llama3_json); default by the
+    model's type (tools.PARSER_OF_MODEL)."""
 
     @property
     def model_name(self) -> str:
@@ -188,6 +192,7 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                              type="authentication_error", code="invalid_api_key")
 
     auth = [Depends(check_key)]
+    tool_parser = cfg.tool_call_parser or PARSER_OF_MODEL.get(llm.model_config.arch, "hermes")
 
     def adapter_for(model: str) -> str | None:
         return None if model in (cfg.model_name, str(cfg.model_dir), *cfg.model_aliases) \
@@ -302,21 +307,29 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
         return llm.tokenizer.decode([t]) if llm.tokenizer is not None else f"token_id:{t}"
 
     async def complete(request: Request, body: P._Sampling, prompts: list, prompt_field: str,
-                       chat: bool, echo: list[str] | None = None):
+                       chat: bool, echo: list[str] | None = None,
+                       tools: ToolCalling | None = None):
         adapter = adapter_for(body.model)
         try:
             params = body.sampling(default_max_tokens=16 if not chat else llm.max_model_len)
         except SamplingParamsError as e:
             raise _as_api_error(e, prompt_field) from None
+        forced = tools.structured() if tools is not None else None
+        if forced is not None:
+            if params.structured is not None:
+                raise P.ApiError(400, f"tool_choice {tools.mode} cannot be combined with "
+                                 f"{body.structured()[1]}", "tool_choice")
+            params = replace(params, structured=forced)
         try:
             rids = await submit(prompts, adapter, params, body.n, prompt_field)
         except P.ApiError as e:  # a schema, regex or grammar llguidance rejected
-            if e.param == "structured_output":
-                e.param = body.structured()[1]
+            if e.param == "structured_output":  # tool_choice's when it forced one
+                e.param = "tool_choice" if forced is not None else body.structured()[1]
                 e.message = f"{e.param}: {e.message}"
             raise
         rid = P.new_id("chatcmpl" if chat else "cmpl")
-        choice = _Choices(chat, token_str, echo and [e for e in echo for _ in range(body.n)])
+        choice = _Choices(chat, token_str, echo and [e for e in echo for _ in range(body.n)],
+                          tools)
         if body.stream:
             return _EngineStream(engine, rids, _sse(engine, rids, rid, body, choice))
         outputs = await _collect(engine, rids, request)
@@ -342,16 +355,26 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request, body: P.ChatCompletionRequest):
-        text = _render_chat(llm, body.conversation(), True)
-        return await complete(request, body, [text], "messages", chat=True)
+        tools = None
+        if body.tools and body.tool_choice != "none":
+            try:
+                tools = ToolCalling(body.tools, body.tool_choice, tool_parser)
+            except ToolError as e:
+                raise P.ApiError(400, str(e), e.field) from None
+        elif body.tool_choice not in (None, "none"):
+            raise P.ApiError(400, "tool_choice needs tools", "tool_choice")
+        text = _render_chat(llm, body.conversation(), True, body.tools)
+        return await complete(request, body, [text], "messages", chat=True, tools=tools)
 
     return app
 
 
-def _render_chat(llm: LLM, conversation: list[dict], add_generation_prompt: bool) -> str:
-    """The prompt text of a conversation under the model's chat template."""
+def _render_chat(llm: LLM, conversation: list[dict], add_generation_prompt: bool,
+                 tools: list[dict] | None = None) -> str:
+    """The prompt text of a conversation (and tools) under the model's chat template."""
     try:
-        return llm.render_chat(conversation, add_generation_prompt=add_generation_prompt)
+        return llm.render_chat(conversation, add_generation_prompt=add_generation_prompt,
+                               tools=tools)
     except Exception as e:  # no template, or the template's own checks (roles alternate...)
         raise P.ApiError(400, f"the chat template rejected the messages: {e}"
                          if llm.tokenizer is not None and llm.tokenizer.chat_template else
@@ -438,13 +461,16 @@ async def _merged(engine: AsyncLLM, rids: list[str]) -> AsyncIterator[tuple[int,
 
 
 class _Choices:
-    """Builds each choice (whole, or a stream's deltas) with its logprobs, and with the
-    prompt in front of its first text when echoing."""
+    """Builds each choice (whole, or a stream's deltas) with its logprobs, with the prompt
+    in front of its first text when echoing, and with tool calls parsed out of the text
+    when the request has tools."""
 
-    def __init__(self, chat: bool, token: Callable[[int], str], echo: list[str] | None) -> None:
-        self.chat, self.token, self.echo = chat, token, echo
+    def __init__(self, chat: bool, token: Callable[[int], str], echo: list[str] | None,
+                 tools: ToolCalling | None = None) -> None:
+        self.chat, self.token, self.echo, self.tools = chat, token, echo, tools
         self.token_offset: dict[int, int] = {}
         """Per choice: where its next token starts in the text returned so far."""
+        self.streams: dict[int, ToolStream] = {}
 
     def __call__(self, i: int, text: str, finish_reason: str | None,
                  lps: list[TokenLogprobs] | None, delta: bool) -> dict:
@@ -460,10 +486,20 @@ class _Choices:
             else:
                 logprobs = P.completion_logprobs(lps, self.token, self.token_offset[i])
                 self.token_offset[i] += sum(len(t) for t in logprobs["tokens"])
-        if self.chat:
-            return P.chat_choice(i, text, finish_reason, delta=delta, first=first,
-                                 logprobs=logprobs)
-        return P.completion_choice(i, text, finish_reason, logprobs)
+        if not self.chat:
+            return P.completion_choice(i, text, finish_reason, logprobs)
+        content, calls = text, None
+        if self.tools is not None:
+            if delta:
+                stream = self.streams.setdefault(i, self.tools.stream())
+                content, calls = stream.push(text, finish_reason is not None)
+            else:
+                content, found = self.tools.parse(text)
+                calls = [{"id": call_id(), "type": "function", "function": c} for c in found]
+            if calls and finish_reason == "stop" and self.tools.mode != "named":
+                finish_reason = "tool_calls"
+        return P.chat_choice(i, content, finish_reason, delta=delta, first=first,
+                             logprobs=logprobs, tool_calls=calls)
 
 
 async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,

@@ -11,6 +11,7 @@ field rather than silently ignored; unknown fields are ignored, as OpenAI does.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -186,6 +187,10 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: StrictStr | Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=64)] | None = None
+    """An assistant's earlier calls (OpenAI's form), rendered by the chat template."""
+    tool_call_id: StrictStr | None = None
+    name: StrictStr | None = None
 
     def text(self, index: int) -> str:
         """The message's text; content parts other than text are refused."""
@@ -201,10 +206,37 @@ class ChatMessage(BaseModel):
             out.append(part["text"])
         return "".join(out)
 
+    def for_template(self, index: int) -> dict:
+        """The message as chat templates take it: a tool call's arguments as an object
+        (OpenAI sends them as JSON text), extra keys only when present."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text(index)}
+        if self.tool_calls:
+            msg["tool_calls"] = [_call_for_template(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            msg["name"] = self.name
+        return msg
+
+
+def _call_for_template(call: dict) -> dict:
+    if not isinstance(call.get("function"), dict):
+        return call
+    fn = dict(call["function"])
+    if isinstance(fn.get("arguments"), str):
+        try:
+            fn["arguments"] = json.loads(fn["arguments"])
+        except ValueError:
+            pass
+    return {**call, "function": fn}
+
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
-    tools: Any = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    """Accepted: every call the model writes is returned."""
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Logprobs | None = None
@@ -214,10 +246,8 @@ class ChatCompletionRequest(_Sampling):
             raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[dict[str, str]]:
-        if self.tools:
-            raise ApiError(400, "tools are not supported by this server", param="tools")
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
 
     def sampling(self, default_max_tokens: int) -> SamplingParams:
         if self.max_tokens is None and self.max_completion_tokens is not None:
@@ -242,7 +272,7 @@ class TokenizeRequest(BaseModel):
             raise ApiError(400, "give exactly one of prompt and messages", "prompt")
         if self.messages is None:
             return None
-        return [{"role": m.role, "content": m.text(i)} for i, m in enumerate(self.messages)]
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
 
 
 class DetokenizeRequest(BaseModel):
@@ -284,14 +314,15 @@ def completion_choice(index: int, text: str, finish_reason: str | None,
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None, *, delta: bool,
-                first: bool = False, logprobs: dict | None = None) -> dict:
-    if delta:
-        message = ({"role": "assistant", "content": text} if first else {"content": text})
-        return {"index": index, "delta": message, "logprobs": logprobs,
-                "finish_reason": finish_reason}
-    return {"index": index, "message": {"role": "assistant", "content": text},
-            "logprobs": logprobs, "finish_reason": finish_reason}
+def chat_choice(index: int, text: str | None, finish_reason: str | None, *, delta: bool,
+                first: bool = False, logprobs: dict | None = None,
+                tool_calls: list[dict] | None = None) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": text} if first or not delta \
+        else {"content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "delta" if delta else "message": message, "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
 def completion_logprobs(lps: list[TokenLogprobs], token: Callable[[int], str],

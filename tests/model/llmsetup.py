@@ -61,7 +61,7 @@ def served_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, 
 
 
 BYTE_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
 """A random Llama whose tokenizer is byte level (fastlibra.model.tiny.save_byte_tokenizer):
 JSON, regexes and tool-call tags can be written in its tokens."""
 
