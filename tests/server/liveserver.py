@@ -10,7 +10,7 @@ import time
 from contextlib import contextmanager
 
 import uvicorn
-from llmsetup import served_setup, word
+from llmsetup import byte_setup, served_setup, word
 
 from fastlibra.llm import AsyncLLM
 from fastlibra.server import ServerConfig, build_app
@@ -73,6 +73,20 @@ def live_server(tmp_path_factory, **overrides):
                        host_memory=overrides.pop("host_memory", 256 * 1024), dtype="float32",
                        device="cpu", block_size=4, **overrides)
     server = LiveServer(cfg).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextmanager
+def byte_server(tmp_path_factory, **overrides):
+    """A server on the byte-tokenizer model (llmsetup.byte_setup) as "bytes", adapter
+    "lora-0": JSON and tool calls can be written in its tokens."""
+    base, adapters = byte_setup(tmp_path_factory)
+    server = LiveServer(ServerConfig(base, dict(adapters), served_model_name="bytes",
+                                     device_memory=2 << 20, host_memory=2 << 20,
+                                     dtype="float32", device="cpu", **overrides)).start()
     try:
         yield server
     finally:

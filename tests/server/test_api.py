@@ -271,13 +271,19 @@ def scrape(server) -> dict[str, float]:
     return out
 
 
+def scrape_around(server, client, adapter: str, prompt: str) -> tuple[dict, dict]:
+    """/metrics before and after one 3-token request to the base model and one to
+    `adapter`."""
+    before = scrape(server)
+    for model in (MODEL_NAME, adapter):
+        client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0,
+                                  extra_body=NO_EOS)
+    return before, scrape(server)
+
+
 def test_metrics_move_after_requests(server, client):
     label = f'{{model_name="{MODEL_NAME}"}}'
-    before = scrape(server)
-    for model in (MODEL_NAME, "a"):
-        client.completions.create(model=model, prompt="w061 w062 w063 w064 w065 w066",
-                                  max_tokens=3, temperature=0, extra_body=NO_EOS)
-    after = scrape(server)
+    before, after = scrape_around(server, client, "a", "w061 w062 w063 w064 w065 w066")
     for name in ("time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
                  "e2e_request_latency_seconds_count"):
         assert after[f"fastlibra:{name}{label}"] == before.get(f"fastlibra:{name}{label}", 0) + 2
@@ -294,11 +300,7 @@ def test_metrics_move_after_requests(server, client):
 
 def test_metrics_compat_vllm_exports_vllms_names(server, client):
     label = f'{{model_name="{MODEL_NAME}"}}'
-    before = scrape(server)
-    for model in (MODEL_NAME, "b"):
-        client.completions.create(model=model, prompt="w081 w082 w083 w084 w085",
-                                  max_tokens=3, temperature=0, extra_body=NO_EOS)
-    after = scrape(server)
+    before, after = scrape_around(server, client, "b", "w081 w082 w083 w084 w085")
 
     def moved(name: str) -> float:
         return after[f"vllm:{name}"] - before.get(f"vllm:{name}", 0)

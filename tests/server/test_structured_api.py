@@ -14,10 +14,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from liveserver import LiveServer
-from llmsetup import byte_setup
-
-from fastlibra.server import ServerConfig
+from liveserver import byte_server
 
 torch.set_num_threads(1)
 
@@ -29,12 +26,8 @@ USER = [{"role": "user", "content": "Plan a trip."}]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base, adapters = byte_setup(tmp_path_factory)
-    srv = LiveServer(ServerConfig(base, dict(adapters), served_model_name="bytes",
-                                  device_memory=2 << 20, host_memory=2 << 20, dtype="float32",
-                                  device="cpu")).start()
-    yield srv
-    srv.stop()
+    with byte_server(tmp_path_factory) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -15,10 +15,8 @@ import jsonschema
 import openai
 import pytest
 import torch
-from liveserver import LiveServer
-from llmsetup import byte_setup
+from liveserver import byte_server
 
-from fastlibra.server import ServerConfig
 from fastlibra.server.tools import ToolCalling
 
 torch.set_num_threads(1)
@@ -36,12 +34,8 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    base, adapters = byte_setup(tmp_path_factory)
-    srv = LiveServer(ServerConfig(base, dict(adapters), served_model_name="bytes",
-                                  device_memory=2 << 20, host_memory=2 << 20, dtype="float32",
-                                  device="cpu", tool_call_parser="hermes")).start()
-    yield srv
-    srv.stop()
+    with byte_server(tmp_path_factory, tool_call_parser="hermes") as srv:
+        yield srv
 
 
 @pytest.fixture
