@@ -423,8 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     structured.add_argument("--reps", type=_positive(int), default=3)
     structured.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     for flag, default in REPLAY_SHAPE.items():
-        structured.add_argument(flag, type=int, default=default,
-                                help=f"model shape (default {default}: bench replay's)")
+        if flag != "--vocab":  # the byte tokenizer's
+            structured.add_argument(flag, type=int, default=default,
+                                    help=f"model shape (default {default}: bench replay's)")
     structured.add_argument("--json", metavar="FILE", help="write the results as JSON")
 
     bserve = bsub.add_parser("serve", help="replay a multi-turn multi-adapter workload "

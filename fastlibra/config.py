@@ -198,6 +198,9 @@ class CacheConfig:
     """The starting state, the same for every policy: adapters are read into host memory
     when registered, before serving (as far as the host holds them), or, when False, every
     policy reads each adapter from disk on first use through the same load path."""
+    host_adapter_blocks: int | None = None
+    """The most host blocks adapters may hold (vLLM's `max_cpu_loras`, in blocks); beyond
+    it the lowest-ranked host adapter goes back to its file. None = the policy's rule."""
     decay_half_life_s: float = 15.0
     """Starting half-life of a node's visit frequency (recency and frequency in one
     number), for KV and for adapters alike; the cost model then learns each from its kind's
@@ -212,6 +215,8 @@ class CacheConfig:
         _require(self.host_blocks >= 0,
                  f"CacheConfig.host_blocks must not be negative, got {self.host_blocks}")
         _require(self.decay_half_life_s > 0, "CacheConfig.decay_half_life_s must be positive")
+        _require(self.host_adapter_blocks is None or self.host_adapter_blocks >= 0,
+                 "CacheConfig.host_adapter_blocks must not be negative")
 
     @property
     def block_bytes(self) -> int:

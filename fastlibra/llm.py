@@ -205,7 +205,8 @@ class LLM:
 
     vLLM's engine arguments mean here what they mean there: `max_loras` (distinct
     adapters in one batch; default no limit), `max_lora_rank`, `max_cpu_loras` (the host
-    tier holds at least this many of the start-up adapters when its size is not given),
+    tier holds at most this many of the largest start-up adapter's size, and is grown to
+    hold them when its size is not given),
     `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `dtype`
     ("auto" = bfloat16 on CUDA, float32 on CPU), `seed` (the RNG of unseeded requests),
     `enable_prefix_caching` (False = no KV kept across requests), `swap_space` (GiB of
@@ -266,16 +267,19 @@ class LLM:
                                 clock=self._clock)
         sizes = {name: self.mover.read_adapter(name, path)  # read and check each one now
                  for name, path in (adapters or {}).items()}
+        host_adapter_blocks = None  # vLLM's max_cpu_loras, in blocks
         if max_cpu_loras is not None and sizes:
-            need = max_cpu_loras * -(-max(sizes.values()) // block_bytes)
-            if host_given and host_blocks < need:
-                raise CacheError(f"max_cpu_loras={max_cpu_loras} adapters need {need} host "
-                                 f"blocks; the host tier has {host_blocks}: give it more")
-            if need > host_blocks:
-                host_blocks = need
+            host_adapter_blocks = max_cpu_loras * -(-max(sizes.values()) // block_bytes)
+            if host_given and host_blocks < host_adapter_blocks:
+                raise CacheError(f"max_cpu_loras={max_cpu_loras} adapters need "
+                                 f"{host_adapter_blocks} host blocks; the host tier has "
+                                 f"{host_blocks}: give it more")
+            if host_adapter_blocks > host_blocks:
+                host_blocks = host_adapter_blocks
                 self.mover.resize_host(host_blocks)
         self.cache = CacheManager(CacheConfig(model=shape, device_blocks=device_blocks,
-                                              host_blocks=host_blocks, block_size=block_size),
+                                              host_blocks=host_blocks, block_size=block_size,
+                                              host_adapter_blocks=host_adapter_blocks),
                                   policy, mover=self.mover)
         if self.cache.device_adapter_pool is not self.cache.device_kv_pool:
             self.mover.adapter_block_offset = self.cache.device_kv_pool.capacity

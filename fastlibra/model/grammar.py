@@ -19,8 +19,6 @@ import json
 from collections import OrderedDict
 
 import llguidance
-import llguidance.hf
-import llguidance.torch
 import torch
 
 from fastlibra.model.sampling import SamplingParamsError, StructuredOutput
@@ -48,6 +46,8 @@ class GrammarCompiler:
     @property
     def tokenizer(self) -> llguidance.LLTokenizer:
         if self._tokenizer is None:
+            import llguidance.hf  # imports transformers
+
             self._tokenizer = llguidance.hf.from_tokenizer(
                 self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids)
         return self._tokenizer
@@ -96,8 +96,14 @@ class GrammarCompiler:
         return self.compiled(spec).deep_copy()
 
     def mask(self, logits: torch.Tensor, matchers: list[llguidance.LLMatcher]) -> None:
-        """Set to -inf, in place, every token that matcher i forbids in row i [B, vocab]."""
-        bitmask = llguidance.torch.allocate_token_bitmask(len(matchers), self.vocab_size)
+        """Set to -inf, in place, every token that matcher i forbids in row i [B, vocab].
+
+            bits [B, ceil(vocab / 32)] int32: bit j of word w allows token 32 w + j
+        """
+        words = (self.vocab_size + 31) // 32
+        bits = torch.empty((len(matchers), words), dtype=torch.int32)
         for i, m in enumerate(matchers):
-            llguidance.torch.fill_next_token_bitmask(m, bitmask, i)
-        llguidance.torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device))
+            m.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
+        shifts = torch.arange(32, dtype=torch.int32)
+        allowed = ((bits[:, :, None] >> shifts) & 1).bool().flatten(1)[:, :logits.shape[-1]]
+        logits.masked_fill_(~allowed.to(logits.device), -torch.inf)

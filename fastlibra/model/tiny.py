@@ -48,7 +48,7 @@ def build_tiny_model(root: Path, *, num_adapters: int = 4, ranks: tuple[int, ...
     """Write the model (its weights in `dtype`) and `num_adapters` float32 adapters
     (adapter i has rank ranks[i % len]) under `root`; `shape` overrides `TINY_SHAPE`
     (LlamaConfig keywords). `byte_tokenizer`: `save_byte_tokenizer`'s instead of the word
-    tokenizer (for structured output). Same seed, same files."""
+    tokenizer (for structured output; vocab_size >= BYTE_VOCAB). Same seed, same files."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     cfg = LlamaConfig(**{**TINY_SHAPE, **shape}, bos_token_id=1, eos_token_id=2)
@@ -60,7 +60,7 @@ def build_tiny_model(root: Path, *, num_adapters: int = 4, ranks: tuple[int, ...
         base, safe_serialization=True)
     if byte_tokenizer:
         if save_byte_tokenizer(base) > cfg.vocab_size:
-            raise ValueError("the byte tokenizer needs vocab_size >= 263")
+            raise ValueError(f"the byte tokenizer needs vocab_size >= {BYTE_VOCAB}")
     else:
         save_tokenizer(base, cfg.vocab_size)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -96,16 +96,21 @@ BYTE_CHAT_TEMPLATE = (
 template writes them."""
 
 
+BYTE_ROLES = tuple(f"<|{r}|>" for r in (*ROLES, "tool"))
+BYTE_VOCAB = 3 + 256 + len(BYTE_ROLES)
+"""Size of `save_byte_tokenizer`'s vocabulary."""
+
+
 def save_byte_tokenizer(path: Path) -> int:
     """A byte-level tokenizer (GPT-2's byte alphabet, no merges): any text, JSON
     included, is a sequence of its tokens, so grammars can constrain it (the word
     tokenizer has no '{'). <pad>=0 <s>=1 </s>=2 (eos), bytes 3..258, then role tokens.
-    Returns its size; a model may have a larger vocabulary (ids beyond decode to "")."""
+    Returns its size (BYTE_VOCAB); a larger model vocabulary has ids that decode to ""."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    roles = [f"<|{r}|>" for r in (*ROLES, "tool")]
+    roles = list(BYTE_ROLES)
     vocab = {t: i for i, t in enumerate([*SPECIALS[:3], *alphabet, *roles])}
     tok = Tokenizer(models.BPE(vocab, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

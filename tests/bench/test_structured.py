@@ -11,7 +11,7 @@ def test_bench_structured_prints_the_ratio_and_writes_json(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert main(["bench", "structured", "--batch", "2", "--tokens", "6", "--reps", "1",
                  "--hidden", "32", "--layers", "1", "--heads", "2", "--kv-heads", "1",
-                 "--intermediate", "64", "--vocab", "300", "--json", str(out)]) == 0
+                 "--intermediate", "64", "--json", str(out)]) == 0
     line = capsys.readouterr().out
     assert "batch 2 x 6 tokens" in line and "structured/free time" in line
     assert "2/2 rows still inside the grammar" in line and "1 grammar compiled" in line

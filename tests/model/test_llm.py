@@ -416,6 +416,18 @@ def test_vllm_engine_arguments(served):
                 device=DEVICE, max_cpu_loras=40)
     largest = max(grown.cache.adapter(n).num_blocks for n in "ab")  # b: all-linear
     assert grown.cache.host_pool.capacity == 40 * largest > 256 * KIB // grown.block_bytes
+    # vLLM's meaning: at most max_cpu_loras adapters in host memory (in blocks of the
+    # largest); without it both adapters sit in the 128-block host pool
+    def host_adapters(llm: LLM) -> list[str]:
+        return [n for n in "ab" if llm.cache.adapter(n).tier is Tier.HOST]
+
+    assert host_adapters(make_llm(served)) == ["a", "b"]
+    one = make_llm(served, max_cpu_loras=1)
+    assert len(host_adapters(one)) == 1
+    for ad in "abab":
+        one.generate(prompt, GREEDY, adapter=ad)
+        assert one.cache.host_pool.used(BlockKind.ADAPTER) <= largest
+        one.cache.check_invariants()
     with pytest.raises(CacheError, match="max_cpu_loras=40 adapters need"):
         make_llm(served, max_cpu_loras=40)  # host_memory given and too small
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
