@@ -140,8 +140,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="most distinct adapters in one batch (default: no limit)")
     parser.add_argument("--max-lora-rank", type=_positive(int), default=256)
     parser.add_argument("--max-cpu-loras", type=_positive(int), default=None,
-                        help="the host pool holds at least this many of the adapters given "
-                        "(grown if its size is not given)")
+                        help="most adapters kept in host memory, in blocks of the largest "
+                        "one given (the host pool grows to hold them if its size is not given)")
     parser.add_argument("--max-model-len", type=_positive(int), default=None,
                         help="context length (default: the model's max_position_embeddings)")
     parser.add_argument("--max-num-seqs", type=_positive(int), default=256)
