@@ -430,6 +430,15 @@ def test_vllm_engine_arguments(served):
         one.cache.check_invariants()
     with pytest.raises(CacheError, match="max_cpu_loras=40 adapters need"):
         make_llm(served, max_cpu_loras=40)  # host_memory given and too small
+    # max_loras=1: a and b never run together; the base-model request joins a
+    capped = make_llm(served, max_loras=1)
+    for p, ad in ((tokens(6, 20), "a"), (tokens(6, 21), "b"), (tokens(6, 22), None)):
+        capped.add_request(p, ad, GREEDY)
+    capped.step()
+    assert [r.adapter for r in capped.engine.scheduler.running] == ["a", None]
+    while capped.has_unfinished:
+        capped.step()
+        assert len({r.adapter for r in capped.engine.scheduler.running} - {None}) <= 1
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
         make_llm(served, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="enable_lora=False is not supported"):
