@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     mech.add_argument("--duration", type=_positive(float), default=60.0,
                       help="seconds of arrivals per cell (default 60)")
     mech.add_argument("--jobs", type=_positive(int), default=2)
+    mech.add_argument("--host-ratio", type=_positive(float), default=2.0,
+                      help="host pool = this x the device budget (default 2)")
     mech.add_argument("--no-trace", action="store_true",
                       help="skip the Mooncake trace cell (../shared/traces)")
     mech.add_argument("--json", metavar="FILE")

@@ -305,12 +305,8 @@ class CacheManager:
                 st.adapter_host_hits += 1
             else:
                 st.adapter_disk_loads += 1
-            from_disk = node.tier is Tier.DISK
             self.swapper.make_room(self.device_adapter_pool, node.num_blocks, now)
-            loaded = self.move(node, Tier.DEVICE, now)
-            if from_disk:
-                self.cost.observe_load(node, loaded - now)
-            ready = max(ready, loaded)
+            ready = max(ready, self.move(node, Tier.DEVICE, now))
         for n in from_host:
             self.swapper.make_room(self.device_kv_pool, n.num_blocks, now)
             ready = max(ready, self.move(n, Tier.DEVICE, now))
