@@ -25,8 +25,8 @@ One step (`ModelRunner.forward`):
                             + scale_a * (x[seg] @ A_a.T) @ B_a.T   per adapter segment
       K/V of the new rows ─write─► their slots;  attention reads each sequence's
       whole context (cached prefix + new rows) back through its block table, whole
-      blocks at a time (or, with no cached prefix, uses the new K/V directly), with a
-      causal mask offset by the prefix (and a sliding window where the model has one);
+      blocks at a time, slots past its end zeroed (or, with no cached prefix, uses the
+      new K/V directly), with a causal mask offset by the prefix (and a sliding window where the model has one);
       no mask at all when the batch needs none (equal-length decode or plain causal
       prefill); grouped KV heads are broadcast by SDPA, never copied
     logits of each sequence's last row (or every row), in the caller's order
@@ -185,6 +185,11 @@ class _Step:
     tables: torch.Tensor | None  # [B, ceil(L / block_size)]; None: no cached prefix,
     # the context is exactly this step's new K/V
     ctx_len: int  # L: the longest context (cached prefix + new tokens)
+    past_end: torch.Tensor | None
+    """[B, 1, L, 1] True for gathered slots past a sequence's own context (the stale tail
+    of its last block, the block-0 padding of a short table): zeroed before attention,
+    because a masked weight is 0 and 0 x NaN is NaN, and a freed block may hold
+    anything. None when every context is L long."""
     attn: dict[int | None, tuple[torch.Tensor | None, bool]]
     """window -> (mask [B, 1, Q, L] bool True = attend, or None; is_causal)."""
     last_rows: torch.Tensor  # [B] flat row of each sequence's last new token
@@ -317,12 +322,16 @@ class ModelRunner:
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
         ids = torch.tensor([t for s in sorted_seqs for t in s.tokens], dtype=torch.long,
                            device=dev)
+        past_end = None
+        if any(prefixes) and min(ctx_lens) < l_max:
+            past_end = (torch.arange(l_max, device=dev)[None, :]
+                        >= torch.tensor(ctx_lens, device=dev)[:, None])[:, None, :, None]
         step = _Step(order=order, segments=self._segments(sorted_seqs, lengths),
                      lengths=lengths, ids=ids, cos=emb.cos().to(self.w.dtype),
                      sin=emb.sin().to(self.w.dtype), write_block=write_block,
                      write_off=write_off, uniform=uniform, q_seq=q_seq, q_idx=q_idx,
-                     tables=tables if any(prefixes) else None, ctx_len=l_max, attn={},
-                     last_rows=ends - 1)
+                     tables=tables if any(prefixes) else None, ctx_len=l_max,
+                     past_end=past_end, attn={}, last_rows=ends - 1)
         step.attn = self._attn_masks(step, pos, ctx_lens, prefixes)
         return step
 
@@ -420,7 +429,8 @@ class ModelRunner:
             # Whole blocks (contiguous chunks; index_select copies them ~4x faster than
             # advanced indexing): [B * nblk, bs, nkv, hd] -> [B, nkv, L, hd]
             ctx = cache.index_select(0, blocks).to(a)
-            return ctx.view(b, -1, *ctx.shape[2:])[:, :step.ctx_len].transpose(1, 2)
+            ctx = ctx.view(b, -1, *ctx.shape[2:])[:, :step.ctx_len].transpose(1, 2)
+            return ctx if step.past_end is None else ctx.masked_fill(step.past_end, 0)
 
         return gather(self.kv.k(layer)), gather(self.kv.v(layer))
 
