@@ -259,16 +259,33 @@ class LLM:
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, checked: text that is valid Unicode, ids inside the
+        vocabulary, not empty, shorter than the context. It reads only the tokenizer and
+        the model's config, so any thread may call it (the server tokenises off the
+        engine thread; `add_request` then checks the ids again, cheaply)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer files "
                                  f"({', '.join(TOKENIZER_FILES)}); pass token ids")
-            return list(self.tokenizer.encode(prompt))
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:4]} outside the vocabulary "
-                             f"(0..{self.model_config.vocab_size - 1})")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at "
+                                 f"character {e.start}") from None
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:4]} outside the vocabulary "
+                                 f"(0..{self.model_config.vocab_size - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens but the model's context is "
+                f"{self.max_model_len} tokens (max_position_embeddings); at most "
+                f"{self.max_model_len - 1} prompt tokens leave room to generate")
         return ids
 
     def _prepare(self, prompt: Prompt, adapter: str | None,
@@ -280,13 +297,6 @@ class LLM:
             raise UnknownAdapter(f"adapter {adapter!r} is being unloaded")
         self.cache.adapter(adapter)  # UnknownAdapter
         params = sampling if sampling is not None else SamplingParams()
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {len(ids)} tokens but the model's context is "
-                f"{self.max_model_len} tokens (max_position_embeddings); at most "
-                f"{self.max_model_len - 1} prompt tokens leave room to generate")
         max_new = min(params.max_tokens, self.max_model_len - len(ids))
         self.cache.check_fits(adapter, len(ids) + max_new)
         return ids, adapter, params, max_new
