@@ -1,0 +1,177 @@
+"""A bad request or a bad adapter fails alone (issue 18), on the LLM API: what goes wrong
+inside a step ends only the requests it belongs to, the others finish exactly as
+transformers + peft say, and nothing a failure leaves in the arena reaches a result.
+
+Fixture `served` (llmsetup): tiny Llama, adapters a (q/k/v/o) and b (all linear),
+block size 4; every request here is greedy for 8 tokens unless it says otherwise.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from llmsetup import served_setup
+from safetensors.torch import load_file, save_file
+from tinymodels import DEVICE, tokens
+
+from fastlibra.cache import Tier, UnknownAdapter
+from fastlibra.llm import LLM, RequestFailed
+from fastlibra.model.lora import AdapterLoadError
+from fastlibra.model.sampling import SamplingParams
+
+torch.set_num_threads(1)
+
+KIB = 1024
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+NAN = float("nan")
+
+
+@pytest.fixture
+def served(tmp_path_factory):
+    return served_setup(tmp_path_factory)
+
+
+def make_llm(served) -> LLM:
+    base, adapters, _ = served
+    return LLM(base, adapters, device_memory=256 * KIB, host_memory=256 * KIB, block_size=4,
+               dtype="float32", device=DEVICE)
+
+
+def run(llm: LLM, requests: list[tuple[list[int], str | None, SamplingParams]]):
+    """Queue every request at once and step to the end: ({request id: token ids},
+    {request id: error}) in request order."""
+    rids = [llm.add_request(p, ad, sp) for p, ad, sp in requests]
+    errors = {}
+    while llm.has_unfinished:
+        for d in llm.step():
+            if d.error is not None:
+                errors[d.request_id] = d.error
+    outs = {rid: llm.take_output(rid).token_ids for rid in rids if rid not in errors}
+    return [outs.get(r) for r in rids], [errors.get(r) for r in rids]
+
+
+def with_nan(src, dst, tensor: str):
+    """A copy of adapter `src` whose tensor `tensor` holds one NaN."""
+    shutil.copytree(src, dst)
+    weights = load_file(dst / "adapter_model.safetensors")
+    key = next(k for k in weights if tensor in k)
+    weights[key][0, 0] = NAN
+    save_file(weights, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(served, tmp_path):
+    _, adapters, _ = served
+    bad = with_nan(adapters["b"], tmp_path / "nan", "layers.1.mlp.down_proj.lora_B")
+    llm = make_llm(served)
+    with pytest.raises(AdapterLoadError, match=r"adapter_model.safetensors: layers\.1\.mlp\."
+                       r"down_proj\.lora_B has 1 non-finite values \(NaN or inf\) in float32"):
+        llm.add_adapter("nan", bad)
+    assert "nan" not in llm.adapter_names and "nan" not in llm.mover.layouts
+
+
+def test_nan_in_freed_blocks_never_reaches_an_output(served):
+    """Stale tail slots of a sequence's last block (and the block-0 padding of a short
+    block table) are gathered with the longest context of the step: masked, but
+    0 x NaN is NaN, so they are zeroed. Every free block holds NaN here (as blocks an
+    adapter with NaN weights, or a failed read, would leave behind)."""
+    _, _, ref = served
+    llm = make_llm(served)
+    prefix = tokens(16, 30)
+    llm.generate(prefix, sampling=GREEDY)  # cached on device: the next prompts hit it
+    pool = llm.cache.device_kv_pool
+    free = [b for b in range(pool.capacity) if pool.owner(b) is None]
+    llm.runner.kv.data[free] = NAN
+    prompts = [prefix + tokens(3, 31), tokens(30, 32), prefix + tokens(9, 33)]
+    outs = llm.generate(prompts, sampling=GREEDY)
+    assert [o.cached_tokens for o in outs] == [16, 0, 16]
+    assert [o.token_ids for o in outs] == [ref.greedy(p, None, 8) for p in prompts]
+
+
+def test_non_finite_logits_fail_only_their_request(served):
+    """Adapter b's blocks turned to NaN after it was loaded: its greedy and its sampled
+    request fail, each with its own error naming b; the base-model and adapter-a
+    requests of the same steps (one of them sampled with a seed) are untouched."""
+    _, _, ref = served
+    seeded = SamplingParams(temperature=0.9, seed=5, max_tokens=8, ignore_eos=True)
+    good = [(tokens(7, 1), None, GREEDY), (tokens(9, 2), "a", GREEDY),
+            (tokens(6, 3), None, seeded)]
+    alone, _ = run(make_llm(served), good)
+
+    llm = make_llm(served)
+    llm.generate(tokens(5, 4), adapter="b", sampling=GREEDY)
+    node = llm.cache.adapters["b"]
+    assert node.tier is Tier.DEVICE
+    llm.runner.kv.data[[b + llm.mover.adapter_block_offset for b in node.blocks]] = NAN
+    bad = [(tokens(8, 5), "b", GREEDY), (tokens(4, 6), "b", seeded)]
+    outs, errors = run(llm, good[:2] + bad + good[2:])
+    assert outs[:2] + outs[4:] == alone
+    assert alone[:2] == [ref.greedy(p, ad, 8) for p, ad, _ in good[:2]]
+    for e in errors[2:4]:
+        assert isinstance(e, RequestFailed) and e.adapter == "b"
+        assert "adapter 'b' produced non-finite logits" in str(e)
+    assert errors[:2] + errors[4:] == [None] * 3
+    assert not llm.cache.running
+    llm.cache.check_invariants()
+
+
+def test_a_forward_pass_that_fails_for_one_sequence_fails_only_its_request(served,
+                                                                            monkeypatch):
+    """The batch's forward pass raises; each sequence is computed alone, and only the
+    one that fails alone fails."""
+    _, _, ref = served
+    llm = make_llm(served)
+    forward = llm.runner.forward
+
+    def kernel_fails_on_b(seqs):
+        if any(s.adapter == "b" for s in seqs):
+            raise RuntimeError("kernel launch failed")
+        return forward(seqs)
+
+    monkeypatch.setattr(llm.runner, "forward", kernel_fails_on_b)
+    good = [(tokens(7, 1), None, GREEDY), (tokens(9, 2), "a", GREEDY)]
+    outs, errors = run(llm, [good[0], (tokens(6, 3), "b", GREEDY), good[1]])
+    assert [outs[0], outs[2]] == [ref.greedy(p, ad, 8) for p, ad, _ in good]
+    assert isinstance(errors[1], RequestFailed)
+    assert str(errors[1]) == "the forward pass failed: kernel launch failed"
+    assert errors[0] is None and errors[2] is None
+    llm.cache.check_invariants()
+
+
+def test_an_adapter_whose_directory_is_gone_fails_only_its_requests(served, tmp_path):
+    """Its directory is deleted after loading while no tier holds its weights: the read
+    fails on the copy thread. Its request fails with that reason, the others finish
+    exactly, the adapter is unloaded whole (no views, no books, no readiness entry), a
+    base-model request afterwards is exact, and loading it again serves it again."""
+    _, adapters, ref = served
+    llm = make_llm(served)
+    shutil.copytree(adapters["a"], tmp_path / "gone")
+    llm.add_adapter("gone", tmp_path / "gone")
+    llm.cache.clear()  # every adapter back to its file
+    llm.mover.sync_adapters(llm.cache)
+    assert llm.cache.adapters["gone"].tier is Tier.DISK
+    shutil.rmtree(tmp_path / "gone")
+
+    good = [(tokens(7, 1), None, GREEDY), (tokens(9, 2), "a", GREEDY),
+            (tokens(6, 3), "b", GREEDY)]
+    outs, errors = run(llm, good[:2] + [(tokens(8, 4), "gone", GREEDY)] + good[2:])
+    assert outs[:2] + outs[3:] == [ref.greedy(p, ad, 8) for p, ad, _ in good]
+    err = errors[2]
+    assert isinstance(err, RequestFailed) and err.adapter == "gone"
+    assert "adapter directory not found" in str(err) and "load it again" in str(err)
+    assert errors[:2] + errors[3:] == [None] * 3
+    assert "gone" not in llm.cache.adapters and "gone" not in llm.runner.adapters
+    assert not llm.mover.failed and "gone" not in llm.mover.layouts
+    assert all(f.exception() is None for f in llm.mover._block_ready.values())
+    llm.cache.check_invariants()
+    with pytest.raises(UnknownAdapter):
+        llm.add_request(tokens(3, 5), "gone")
+
+    (base,) = llm.generate(tokens(12, 6), sampling=GREEDY)
+    assert base.token_ids == ref.greedy(tokens(12, 6), None, 8)
+    shutil.copytree(adapters["a"], tmp_path / "gone")
+    llm.add_adapter("gone", tmp_path / "gone")
+    (again,) = llm.generate(tokens(8, 4), adapter="gone", sampling=GREEDY)
+    assert again.token_ids == ref.greedy(tokens(8, 4), "a", 8)
