@@ -309,7 +309,10 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             return _EngineStream(engine, rids, _sse(engine, rids, rid, body, chat, error_body))
-        outputs = await _collect(engine, rids, request)
+        try:
+            outputs = await _collect(engine, rids, request)
+        except RequestFailed as e:  # one of them failed inside a step (the rest aborted)
+            raise _as_api_error(e, prompt_field) from None
         if outputs is None:  # the client went away: its requests are aborted
             return Response(status_code=499)
         choices = [P.chat_choice(i, o.text, o.finish_reason, delta=False) if chat
