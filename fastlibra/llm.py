@@ -49,6 +49,9 @@ def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048) ->
     (`bench fidelity`)."""
     return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PEEK_CHARS_PER_TOKEN = 8
+PEEK_SLACK = 16
+"""See `LLM._refuse_long_text`: English runs ~4 characters per token."""
 MAX_ADAPTER_NAME = 256
 """Characters in an adapter name at most: names are echoed in `model` fields and metrics."""
 
@@ -89,6 +92,8 @@ class Output:
     """Mean seconds per output token after the first (None with fewer than two)."""
     e2e: float = 0.0
     """Seconds from arrival to finish (or abort)."""
+    error: Exception | None = None
+    """Why a request that failed alone failed (its finish_reason is "abort")."""
 
 
 @dataclass
@@ -272,6 +277,7 @@ class LLM:
             except UnicodeEncodeError as e:
                 raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at "
                                  f"character {e.start}") from None
+            self._refuse_long_text(prompt)
             ids = list(self.tokenizer.encode(prompt))
         else:
             ids = [int(t) for t in prompt]
@@ -287,6 +293,24 @@ class LLM:
                 f"{self.max_model_len} tokens (max_position_embeddings); at most "
                 f"{self.max_model_len - 1} prompt tokens leave room to generate")
         return ids
+
+    def _refuse_long_text(self, text: str) -> None:
+        """A text of more than `PEEK_CHARS_PER_TOKEN` characters per context token is
+        refused if its head alone, cut at a space, has more tokens than the context
+        (with `PEEK_SLACK` to spare for merges across the cut): a 20 MB prompt then costs
+        a few thousand tokens of tokenising, not millions. A text that is long but
+        tokenises short (few, long words) goes on to be tokenised whole."""
+        peek = PEEK_CHARS_PER_TOKEN * self.max_model_len
+        if len(text) <= peek:
+            return
+        cut = text.rfind(" ", 0, peek)
+        head = len(self.tokenizer.encode(text[:cut if cut > 0 else peek],
+                                         add_special_tokens=False))
+        if head > self.max_model_len + PEEK_SLACK:
+            raise PromptTooLong(
+                f"the prompt has more than {self.max_model_len} tokens (its first "
+                f"{cut if cut > 0 else peek} characters alone have {head}) but the "
+                f"model's context is {self.max_model_len} tokens (max_position_embeddings)")
 
     def _prepare(self, prompt: Prompt, adapter: str | None,
                  sampling: SamplingParams | None) -> tuple[list[int], str | None, SamplingParams, int]:
@@ -372,7 +396,7 @@ class LLM:
                 self.mover.forget_adapter(name)
         return out
 
-    def _finish(self, live: _Live) -> None:
+    def _finish(self, live: _Live, error: Exception | None = None) -> None:
         """Release a finished (or aborted) request's blocks at once and keep its output."""
         req, tr = live.request, live.tracker
         s = self.engine.scheduler
@@ -390,7 +414,7 @@ class LLM:
             tr.finish_reason or "abort", req.adapter, req.cached_tokens, ttft=req.ttft,
             tpot=(now - req.t_first_token) / (len(tr.token_ids) - 1)
             if req.t_first_token is not None and len(tr.token_ids) > 1 else None,
-            e2e=now - req.arrival)
+            e2e=now - req.arrival, error=error)
         if req.adapter in self._draining:
             self._reap_drained()
 
@@ -402,7 +426,7 @@ class LLM:
         if live is None:
             return None
         live.tracker.abort()
-        self._finish(live)
+        self._finish(live, error)
         ids, text = live.tracker.take_delta()
         return Delta(request_id, text, ids, live.tracker.finish_reason, error=error)
 

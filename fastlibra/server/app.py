@@ -487,7 +487,8 @@ async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
             ordered = [outputs[i] for i in sorted(outputs)]
             yield chunk([], _usage(ordered, body.n))
     except Exception as e:  # this request failed mid-stream: say so in its stream
-        err = _as_api_error(e, "prompt") if isinstance(e, ValueError | RequestFailed) \
+        err = _as_api_error(e, "messages" if chat else "prompt") \
+            if isinstance(e, ValueError | RequestFailed) \
             else P.ApiError(500, f"internal error: {type(e).__name__}: {e}",
                             type="internal_error")
         yield f"data: {json.dumps(error_body(err))}\n\n"

@@ -48,8 +48,10 @@ def run(llm: LLM, requests: list[tuple[list[int], str | None, SamplingParams]]):
         for d in llm.step():
             if d.error is not None:
                 errors[d.request_id] = d.error
-    outs = {rid: llm.take_output(rid).token_ids for rid in rids if rid not in errors}
-    return [outs.get(r) for r in rids], [errors.get(r) for r in rids]
+    outs = {rid: llm.take_output(rid) for rid in rids}
+    assert [outs[r].error for r in rids] == [errors.get(r) for r in rids]
+    return ([None if rid in errors else outs[rid].token_ids for rid in rids],
+            [errors.get(r) for r in rids])
 
 
 def with_nan(src, dst, tensor: str):

@@ -419,14 +419,25 @@ def test_an_adapter_directory_deleted_after_loading_fails_alone(server, pool, al
     server.engine.call(server.llm.cache.check_invariants).result()
 
 
-def test_a_3mb_prompt_does_not_stall_a_running_stream(server, pool):
-    """Its tokenisation runs off the engine thread: the stream's largest gap between
-    tokens stays under a second (tokenising it takes ~3 s here), and the prompt is
-    refused for its length."""
+def test_3mb_prompts_do_not_stall_a_running_stream(server, pool):
+    """A 3 MB prompt is refused from its head alone (its first 2,044 characters have more
+    tokens than the context); one whose head hides its length (a long first word) is
+    tokenised whole, off the engine thread (~3 s here). Meanwhile the stream's largest
+    gap between tokens stays under a second."""
     started = threading.Event()
     future = pool.submit(stream, server.url, WITNESSES[0], started, 120)
     started.wait(30)
-    resp = send(server, C, comp(prompt="w005 " * 600_000))
+    plain = send(server, C, comp(prompt="w005 " * 600_000))
+    hidden = send(server, C, comp(prompt="x" * 3000 + " w005" * 600_000))
     _, gaps = future.result(timeout=60)
-    assert resp.status_code == 400 and resp.json()["error"]["code"] == "context_length_exceeded"
+    for resp in (plain, hidden):
+        assert resp.status_code == 400
+        assert resp.json()["error"]["code"] == "context_length_exceeded"
+    assert "its first 2044 characters alone have 409" in plain.json()["error"]["message"]
+    assert "the prompt has 600001 tokens" in hidden.json()["error"]["message"]
     assert max(gaps) < 1.0, max(gaps)
+
+
+def test_a_prompt_long_in_characters_but_short_in_tokens_is_served(server):
+    resp = send(server, C, comp(prompt="w005 " + "x" * 5000 + " w006", max_tokens=2))
+    assert resp.status_code == 200 and resp.json()["usage"]["prompt_tokens"] == 3
