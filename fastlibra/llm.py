@@ -442,7 +442,8 @@ class LLM:
                  sampling: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[Output]:
         """Run prompts to completion, batched together; outputs in prompt order. `adapter`
-        and `sampling` are one for all prompts or one per prompt."""
+        and `sampling` are one for all prompts or one per prompt. A request that failed
+        alone (`RequestFailed`) comes back with finish_reason "abort" and its `error`."""
         single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
         batch: list[Prompt] = [prompts] if single else list(prompts)  # type: ignore[list-item]
         adapters = _per_prompt(adapter, len(batch), "adapter", (str, type(None)))

@@ -94,7 +94,9 @@ class ModelExecutor:
         self.model = model
         self.alloc_of = alloc_of
         self.wait_for = wait_for
-        """`ArenaMover.wait_for`: blocks until the copies this step reads have landed."""
+        """`ArenaMover.wait_for`: blocks until the copies this step reads have landed, and
+        gives adapters that landed their views (needed whenever an `ArenaMover` moves
+        adapters); returns the adapters whose read failed."""
         self.sampler = sampler if sampler is not None else Sampler()
         self.clock = clock
         self._params: dict[str, SamplingParams] = {}
@@ -171,7 +173,8 @@ class ModelExecutor:
                 rows.append(self.model.forward([s]))
             except Exception as e:  # this request's alone
                 failed[rid] = RequestFailed(f"the forward pass failed: {e}", s.adapter)
-                rows.append(torch.full((1, self.model.cfg.vocab_size), math.nan))
+                rows.append(torch.full((1, self.model.cfg.vocab_size), math.nan,
+                                       device=self.model.w.device))
         return torch.cat(rows)
 
     def _sample(self, logits: torch.Tensor, rows: list[tuple[int, str, SeqInput]],
