@@ -278,7 +278,10 @@ class LLM:
                 raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at "
                                  f"character {e.start}") from None
             self._refuse_long_text(prompt)
-            ids = list(self.tokenizer.encode(prompt))
+            try:
+                ids = list(self.tokenizer.encode(prompt))
+            except Exception as e:  # the tokenizer's own refusal: this prompt's fault
+                raise ValueError(f"the tokenizer could not encode the prompt: {e}") from None
         else:
             ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]

@@ -74,6 +74,31 @@ def test_an_adapter_with_nan_weights_is_refused_naming_the_tensor(served, tmp_pa
     assert "nan" not in llm.adapter_names and "nan" not in llm.mover.layouts
 
 
+def test_a_prompt_the_tokenizer_refuses_is_a_value_error_and_queues_nothing(served):
+    """Whatever a tokenizer raises for a text (here a TypeError, as `tokenizers` raises for
+    input it cannot take) is that prompt's fault: a ValueError (the server's 400)."""
+    base, adapters, _ = served
+    real = make_llm(served).tokenizer
+
+    class Picky:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def encode(self, text, **kw):
+            if "w099" in text:
+                raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+            return real.encode(text, **kw)
+
+    llm = LLM(base, adapters, device_memory=256 * KIB, block_size=4, dtype="float32",
+              device=DEVICE, tokenizer=Picky())
+    with pytest.raises(ValueError, match="the tokenizer could not encode the prompt: "
+                                         "TextEncodeInput must be"):
+        llm.add_request("w005 w099", None, GREEDY)
+    assert not llm.has_unfinished
+    (out,) = llm.generate("w005 w006", sampling=GREEDY)
+    assert len(out.token_ids) == 8
+
+
 def test_nan_in_freed_blocks_never_reaches_an_output(served):
     """Stale tail slots of a sequence's last block (and the block-0 padding of a short
     block table) are gathered with the longest context of the step: masked, but
