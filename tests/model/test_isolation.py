@@ -15,6 +15,7 @@ import torch
 from llmsetup import served_setup
 from safetensors.torch import load_file, save_file
 from tinymodels import DEVICE, tokens
+from transformers import AutoTokenizer
 
 from fastlibra.cache import Tier, UnknownAdapter
 from fastlibra.llm import LLM, RequestFailed
@@ -78,7 +79,7 @@ def test_a_prompt_the_tokenizer_refuses_is_a_value_error_and_queues_nothing(serv
     """Whatever a tokenizer raises for a text (here a TypeError, as `tokenizers` raises for
     input it cannot take) is that prompt's fault: a ValueError (the server's 400)."""
     base, adapters, _ = served
-    real = make_llm(served).tokenizer
+    real = AutoTokenizer.from_pretrained(base)
 
     class Picky:
         def __getattr__(self, name):
