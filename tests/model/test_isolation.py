@@ -203,3 +203,25 @@ def test_an_adapter_whose_directory_is_gone_fails_only_its_requests(served, tmp_
     llm.add_adapter("gone", tmp_path / "gone")
     (again,) = llm.generate(tokens(8, 4), adapter="gone", sampling=GREEDY)
     assert again.token_ids == ref.greedy(tokens(8, 4), "a", 8)
+
+
+def test_an_adapter_whose_host_copy_fails_at_load_is_not_left_half_loaded(served,
+                                                                          monkeypatch):
+    """fastlibra reads a new adapter into host memory at registration; if that read fails
+    (its files changed since they were checked), the load fails whole: nothing of it is
+    registered, and the same name loads once the files are good."""
+    _, adapters, ref = served
+    llm = make_llm(served)
+
+    def gone(name, arena, blocks):
+        raise AdapterLoadError(f"{adapters['a']}: adapter directory not found")
+
+    monkeypatch.setattr(llm.mover, "_write", gone)
+    with pytest.raises(AdapterLoadError, match="adapter directory not found"):
+        llm.add_adapter("late", adapters["a"])
+    assert "late" not in llm.cache.adapters and "late" not in llm.mover.layouts
+    llm.cache.check_invariants()
+    monkeypatch.undo()
+    llm.add_adapter("late", adapters["a"])
+    (out,) = llm.generate(tokens(8, 7), adapter="late", sampling=GREEDY)
+    assert out.token_ids == ref.greedy(tokens(8, 7), "a", 8)
