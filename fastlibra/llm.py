@@ -635,8 +635,9 @@ class AsyncLLM:
         """The engine itself is broken. `LLM.step` ends a single request's failures (its
         adapter's read, its forward pass, its logits, its draw) itself, so what escapes
         it is the step's own bookkeeping (scheduler, cache books, a KV copy between
-        arenas), after which no request's state can be trusted: every request in flight
-        fails with it, and the traceback goes to the log."""
+        arenas, block tables the model runner refuses), after which no request's state
+        can be trusted: every request in flight fails with it, and the traceback goes
+        to the log."""
         log.error("engine step failed; failing %d requests in flight",
                   len(self.llm.unfinished_ids), exc_info=error)
         for rid in self.llm.unfinished_ids:

@@ -79,8 +79,8 @@ class ModelExecutor:
     (its block table); `set_sampling` gives a request its parameters (default greedy).
 
     A failure is attributed to the requests it belongs to, never to the whole batch: an
-    adapter whose read failed fails the requests using it, a forward pass that raises is
-    retried one sequence at a time (only the sequences that fail alone fail), a row of
+    adapter whose read failed fails the requests using it, a forward pass whose kernel
+    raises is retried one sequence at a time (only the sequences that fail alone fail), a row of
     non-finite logits or a draw that raises fails its request. Failed requests go to
     `StepOutput.failed` (and `failed`, for `LLM` to end them); the rest of the step is
     computed and sampled as if they had not been there."""
@@ -160,18 +160,21 @@ class ModelExecutor:
 
     def _forward(self, work: list[tuple[str, SeqInput, bool]],
                  failed: dict[str, Exception]) -> torch.Tensor:
-        """Logits [len(work), vocab] of the batch; if it raises, of each sequence alone
-        (rewriting a sequence's KV slots writes the same values), and a sequence that
-        fails alone fails its request (its row is left NaN: never sampled)."""
+        """Logits [len(work), vocab] of the batch; if a kernel raises (a RuntimeError: out
+        of memory, a launch failure), of each sequence alone (rewriting a sequence's KV
+        slots writes the same values), and a sequence that fails alone fails its request
+        (its row is left NaN: never sampled). A ValueError is the runner refusing the
+        step's inputs (block tables, adapters): the engine's books are wrong, so it is
+        not retried."""
         try:
             return self.model.forward([s for _, s, _ in work])
-        except Exception:  # whose fault it is is found just below
+        except RuntimeError:  # whose fault it is is found just below
             pass
         rows = []
         for rid, s, _ in work:
             try:
                 rows.append(self.model.forward([s]))
-            except Exception as e:  # this request's alone
+            except RuntimeError as e:  # this request's alone
                 failed[rid] = RequestFailed(f"the forward pass failed: {e}", s.adapter)
                 rows.append(torch.full((1, self.model.cfg.vocab_size), math.nan,
                                        device=self.model.w.device))

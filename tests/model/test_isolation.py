@@ -8,6 +8,8 @@ block size 4; every request here is greedy for 8 tokens unless it says otherwise
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import shutil
 
 import pytest
@@ -18,7 +20,7 @@ from tinymodels import DEVICE, tokens
 from transformers import AutoTokenizer
 
 from fastlibra.cache import Tier, UnknownAdapter
-from fastlibra.llm import LLM, RequestFailed
+from fastlibra.llm import LLM, AsyncLLM, RequestFailed
 from fastlibra.model.lora import AdapterLoadError
 from fastlibra.model.sampling import SamplingParams
 
@@ -225,3 +227,45 @@ def test_an_adapter_whose_host_copy_fails_at_load_is_not_left_half_loaded(served
     llm.add_adapter("late", adapters["a"])
     (out,) = llm.generate(tokens(8, 7), adapter="late", sampling=GREEDY)
     assert out.token_ids == ref.greedy(tokens(8, 7), "a", 8)
+
+
+def test_a_broken_step_fails_every_request_in_flight_and_the_engine_serves_on(
+        served, monkeypatch, caplog):
+    """What escapes `LLM.step` is the engine's own bookkeeping (here the scheduler): no
+    request's state can be trusted, so every stream in flight gets the error, the log
+    gets its traceback, and the next request is served."""
+    _, _, ref = served
+    llm = make_llm(served)
+    schedule = llm.engine.scheduler.schedule
+
+    def broken_with_three(now):
+        s = llm.engine.scheduler
+        if len(s.waiting) + len(s.running) == 3:
+            raise RuntimeError("the books do not add up")
+        return schedule(now)
+
+    monkeypatch.setattr(llm.engine.scheduler, "schedule", broken_with_three)
+    long = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    engine = AsyncLLM(llm)
+
+    async def run_all():
+        rids = [await engine.add_request(tokens(6, i), None, long) for i in range(3)]
+        errors = []
+        for rid in rids:
+            with pytest.raises(RuntimeError) as e:
+                async for _ in engine.stream(rid):
+                    pass
+            errors.append(str(e.value))
+        monkeypatch.undo()
+        last = [d async for d in engine.generate_stream(tokens(9, 4), None, GREEDY)]
+        return errors, last[-1].output
+
+    try:
+        with caplog.at_level(logging.ERROR, logger="fastlibra"):
+            errors, after = asyncio.run(run_all())
+    finally:
+        engine.close()
+    assert errors == ["the books do not add up"] * 3
+    assert after.token_ids == ref.greedy(tokens(9, 4), None, 8)
+    (record,) = [r for r in caplog.records if r.exc_info]
+    assert "failing 3 requests in flight" in record.getMessage()
