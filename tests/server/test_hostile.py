@@ -80,7 +80,7 @@ def pool():
 
 
 def stream(url: str, body: dict, started: threading.Event | None = None,
-           max_tokens: int = 16) -> tuple[str, list[float]]:
+           max_tokens: int = 8) -> tuple[str, list[float]]:
     """A streamed completion's text and the seconds between its chunks; sets `started`
     once the first chunk is in."""
     body = {**body, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
