@@ -241,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the base model's id in requests (default: --model as given)")
     serve.add_argument("--max-num-seqs", type=int, default=256)
     serve.add_argument("--max-lora-rank", type=int, default=256)
+    serve.add_argument("--max-request-bytes", type=_bytes, default=8 * 2**20,
+                       help="refuse request bodies above this with a 413 (default 8MiB)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -424,7 +426,7 @@ def _dispatch(args) -> int:
             api_key=args.api_key, adapter_roots=tuple(Path(r) for r in args.adapter_root),
             served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_lora_rank=args.max_lora_rank))
+            max_lora_rank=args.max_lora_rank, max_request_bytes=args.max_request_bytes))
         return 0
     if args.command == "bench":
         module, function = _BENCHMARKS[args.bench]
