@@ -343,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "mean the same here")
     serve.add_argument("--uvicorn-log-level", default="warning",
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
+    serve.add_argument("--max-request-bytes", type=_bytes, default=8 * 2**20,
+                       help="refuse request bodies above this with a 413 (default 8MiB)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -359,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     mech.add_argument("--duration", type=_positive(float), default=60.0,
                       help="seconds of arrivals per cell (default 60)")
     mech.add_argument("--jobs", type=_positive(int), default=2)
+    mech.add_argument("--host-ratio", type=_positive(float), default=2.0,
+                      help="host pool = this x the device budget (default 2)")
     mech.add_argument("--no-trace", action="store_true",
                       help="skip the Mooncake trace cell (../shared/traces)")
     mech.add_argument("--json", metavar="FILE")
@@ -542,7 +546,7 @@ def _dispatch(args) -> int:
             adapter_parents={n: b for n, _, b in args.lora_modules if b},
             chat_template=_chat_template(args.chat_template),
             uvicorn_log_level=args.uvicorn_log_level, metrics_compat=args.metrics_compat,
-            tool_call_parser=args.tool_call_parser,
+            tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes,
             engine_args=_llm_args(args) | {"seed": args.seed}))
         return 0
     if args.command == "bench":

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -30,7 +31,7 @@ from fastlibra.cache import CacheError, CacheManager, Policy, UnknownAdapter, ge
 from fastlibra.config import CacheConfig, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
-from fastlibra.model.executor import ArenaMover, ModelExecutor
+from fastlibra.model.executor import ArenaMover, ModelExecutor, RequestFailed
 from fastlibra.model.forward import KVCache, ModelRunner
 from fastlibra.model.grammar import GrammarCompiler
 from fastlibra.model.loader import default_device, load_model, resolve_dtype
@@ -44,6 +45,9 @@ from fastlibra.model.sampling import (
 )
 
 Prompt = str | Sequence[int]
+log = logging.getLogger("fastlibra")
+
+
 def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048,
                      max_loras: int | None = None) -> SchedulerConfig:
     """How `LLM` batches; the simulator reproduces the real engine with this same config
@@ -51,6 +55,11 @@ def scheduler_config(max_num_seqs: int = 256, max_batched_tokens: int = 2048,
     return SchedulerConfig(max_num_seqs=max_num_seqs, max_batched_tokens=max_batched_tokens,
                            max_loras=max_loras)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+PEEK_CHARS_PER_TOKEN = 8
+PEEK_SLACK = 16
+"""See `LLM._refuse_long_text`: English runs ~4 characters per token."""
+MAX_ADAPTER_NAME = 256
+"""Characters in an adapter name at most: names are echoed in `model` fields and metrics."""
 VLLM_DTYPES = {"auto": None, "half": "float16", "float": "float32"}
 """vLLM's --dtype spellings that are not ours."""
 
@@ -97,6 +106,18 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
 
 
+def check_adapter_name(name: str) -> None:
+    """An adapter name must be non-empty, printable and at most `MAX_ADAPTER_NAME` long."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("an adapter needs a non-empty name")
+    if len(name) > MAX_ADAPTER_NAME:
+        raise ValueError(f"adapter name of {len(name)} characters; at most "
+                         f"{MAX_ADAPTER_NAME} are allowed")
+    if not name.isprintable() or name != name.strip():
+        raise ValueError(f"adapter name {name[:40]!r} has unprintable characters or "
+                         "surrounding spaces")
+
+
 @dataclass
 class Output:
     """A finished request. `outputs[0]`, `prompt` and `prompt_token_ids` read as vLLM's
@@ -122,6 +143,8 @@ class Output:
     """The prompt as text, when it was given as text."""
     logprobs: list[TokenLogprobs] | None = None
     """Per generated token, when the request asked for logprobs."""
+    error: Exception | None = None
+    """Why a request that failed alone failed (its finish_reason is "abort")."""
 
     @property
     def outputs(self) -> list[CompletionOutput]:
@@ -169,6 +192,8 @@ class Delta:
     finish_reason: str | None = None
     output: Output | None = None
     """Set by `AsyncLLM` on a request's last delta."""
+    error: Exception | None = None
+    """Why the request failed (finish_reason "abort"): a `RequestFailed` of its own."""
 
 
 @dataclass
@@ -265,6 +290,8 @@ class LLM:
         self.runner = ModelRunner(self.weights, KVCache(cfg, device_blocks, block_size, dt, dev))
         self.mover = ArenaMover(self.runner, host_blocks, max_rank=max_lora_rank,
                                 clock=self._clock)
+        for name in adapters or {}:
+            check_adapter_name(name)
         sizes = {name: self.mover.read_adapter(name, path)  # read and check each one now
                  for name, path in (adapters or {}).items()}
         host_adapter_blocks = None  # vLLM's max_cpu_loras, in blocks
@@ -321,8 +348,7 @@ class LLM:
         """Serve a PEFT adapter from `path` under `name`. The files are read and checked
         now (`AdapterLoadError` names the file and the problem); the weights reach the
         device when a request needs them."""
-        if not name:
-            raise ValueError("an adapter needs a non-empty name")
+        check_adapter_name(name)
         if name in self._draining:
             raise ValueError(f"adapter {name!r} is being unloaded; its running requests "
                              "finish first, then the name can be loaded again")
@@ -334,7 +360,12 @@ class LLM:
         except CacheError:
             self.mover.forget_adapter(name)
             raise
-        self.mover.sync_adapters(self.cache)
+        try:
+            self.mover.sync_adapters(self.cache)  # may read it into host memory now
+        except Exception:
+            self.cache.unregister_adapter(name)
+            self.mover.forget_adapter(name)
+            raise
 
     def remove_adapter(self, name: str) -> int:
         """Stop accepting requests for `name`. Requests already queued or running with it
@@ -367,17 +398,56 @@ class LLM:
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids, checked: text that is valid Unicode, ids inside the
+        vocabulary, not empty, shorter than the context. It reads only the tokenizer and
+        the model's config, so any thread may call it (the server tokenises off the
+        engine thread; `add_request` then checks the ids again, cheaply)."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer files "
                                  f"({', '.join(TOKENIZER_FILES)}); pass token ids")
-            return list(self.tokenizer.encode(prompt))
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:4]} outside the vocabulary "
-                             f"(0..{self.model_config.vocab_size - 1})")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"the prompt is not valid Unicode text: {e.reason} at "
+                                 f"character {e.start}") from None
+            self._refuse_long_text(prompt)
+            try:
+                ids = list(self.tokenizer.encode(prompt))
+            except Exception as e:  # the tokenizer's own refusal: this prompt's fault
+                raise ValueError(f"the tokenizer could not encode the prompt: {e}") from None
+        else:
+            ids = [int(t) for t in prompt]
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise ValueError(f"token ids {bad[:4]} outside the vocabulary "
+                                 f"(0..{self.model_config.vocab_size - 1})")
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLong(
+                f"the prompt has {len(ids)} tokens but the model's context is "
+                f"{self.max_model_len} tokens (max_model_len); at most "
+                f"{self.max_model_len - 1} prompt tokens leave room to generate")
         return ids
+
+    def _refuse_long_text(self, text: str) -> None:
+        """A text of more than `PEEK_CHARS_PER_TOKEN` characters per context token is
+        refused if its head alone, cut at a space, has more tokens than the context
+        (with `PEEK_SLACK` to spare for merges across the cut): a 20 MB prompt then costs
+        a few thousand tokens of tokenising, not millions. A text that is long but
+        tokenises short (few, long words) goes on to be tokenised whole."""
+        peek = PEEK_CHARS_PER_TOKEN * self.max_model_len
+        if len(text) <= peek:
+            return
+        cut = text.rfind(" ", 0, peek)
+        head = len(self.tokenizer.encode(text[:cut if cut > 0 else peek],
+                                         add_special_tokens=False))
+        if head > self.max_model_len + PEEK_SLACK:
+            raise PromptTooLong(
+                f"the prompt has more than {self.max_model_len} tokens (its first "
+                f"{cut if cut > 0 else peek} characters alone have {head}) but the "
+                f"model's context is {self.max_model_len} tokens (max_model_len)")
 
     def _prepare(self, prompt: Prompt, adapter: str | None,
                  sampling: SamplingParams | None) -> tuple[list[int], str | None, SamplingParams, int]:
@@ -385,9 +455,8 @@ class LLM:
         ids = self.encode(prompt)
         adapter = adapter or None
         if adapter in self._draining:
-            raise UnknownAdapter(f"adapter {adapter!r} is being unloaded; registered: "
-                                 f"{', '.join(self.adapter_names[:10]) or 'none'}")
-        self.cache.adapter(adapter)  # UnknownAdapter names the registered ones
+            raise UnknownAdapter(f"adapter {adapter!r} is being unloaded")
+        self.cache.adapter(adapter)  # UnknownAdapter
         params = sampling if sampling is not None else SamplingParams()
         if params.structured is not None:  # compiled now (once): a bad schema fails here
             if self.grammars is None:
@@ -399,13 +468,6 @@ class LLM:
             raise SamplingParamsError("logit_bias", f"logit_bias token id "
                                       f"{max(params.logit_bias)} is outside the vocabulary "
                                       f"(0..{vocab - 1})")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLong(
-                f"the prompt has {len(ids)} tokens but the model's context is "
-                f"{self.max_model_len} tokens (max_model_len); at most "
-                f"{self.max_model_len - 1} prompt tokens leave room to generate")
         max_new = min(params.max_tokens, self.max_model_len - len(ids))
         self.cache.check_fits(adapter, len(ids) + max_new)
         return ids, adapter, params, max_new
@@ -448,7 +510,7 @@ class LLM:
         eng.now = max(eng.now, self._clock())
         eng.step()
         eng.finished.clear()  # outputs are kept here, not in the engine
-        out: list[Delta] = []
+        out = self._end_failed()
         for rid, live in list(self._live.items()):
             req, tr = live.request, live.tracker
             new = req.generated[len(tr.token_ids):]
@@ -465,7 +527,25 @@ class LLM:
         self.mover.forget_dropped(self.cache)  # adapters the step dropped (no move)
         return out
 
-    def _finish(self, live: _Live) -> None:
+    def _end_failed(self) -> list[Delta]:
+        """End the requests the step failed, and every request of an adapter whose read
+        failed (that adapter is then unloaded); the other requests are untouched."""
+        failed = self.executor.failed
+        self.executor.failed = {}
+        broken = self.mover.failed_adapters()
+        for rid, live in self._live.items():
+            name = live.request.adapter
+            if name in broken and rid not in failed:
+                failed[rid] = RequestFailed.unreadable(name, broken[name])
+        out = [d for rid, e in failed.items() if (d := self.abort(rid, e)) is not None]
+        for name in broken:
+            if name in self.cache.adapters and name not in self._draining:
+                self.remove_adapter(name)
+            elif name not in self.cache.adapters:
+                self.mover.forget_adapter(name)
+        return out
+
+    def _finish(self, live: _Live, error: Exception | None = None) -> None:
         """Release a finished (or aborted) request's blocks at once and keep its output."""
         req, tr = live.request, live.tracker
         s = self.engine.scheduler
@@ -483,21 +563,21 @@ class LLM:
             tr.finish_reason or "abort", req.adapter, req.cached_tokens, ttft=req.ttft,
             tpot=(now - req.t_first_token) / (len(tr.token_ids) - 1)
             if req.t_first_token is not None and len(tr.token_ids) > 1 else None,
-            e2e=now - req.arrival, prompt=live.prompt, logprobs=tr.logprobs)
+            e2e=now - req.arrival, prompt=live.prompt, logprobs=tr.logprobs, error=error)
         if req.adapter in self._draining:
             self._reap_drained()
 
-    def abort(self, request_id: str) -> Delta | None:
+    def abort(self, request_id: str, error: Exception | None = None) -> Delta | None:
         """Stop a request now: its blocks go back to the cache (what it computed stays
-        cached). Returns its last delta (finish_reason "abort"), or None if it is not
-        running."""
+        cached). Returns its last delta (finish_reason "abort", with `error` if given), or
+        None if it is not running."""
         live = self._live.get(request_id)
         if live is None:
             return None
         live.tracker.abort()
-        self._finish(live)
+        self._finish(live, error)
         return Delta(request_id, *live.tracker.take_delta(),
-                     finish_reason=live.tracker.finish_reason)
+                     finish_reason=live.tracker.finish_reason, error=error)
 
     def close(self) -> None:
         """Finish the copies in flight and stop the copy thread."""
@@ -748,7 +828,7 @@ class AsyncLLM:
                     hook(d.output)
             target = self._streams.get(d.request_id)
             if target is not None:
-                self._send(target, d)
+                self._send(target, d if d.error is None else d.error)
 
     @staticmethod
     def _send(target, item) -> None:
@@ -785,6 +865,14 @@ class AsyncLLM:
                     self._fail_all(e)
 
     def _fail_all(self, error: Exception) -> None:
+        """The engine itself is broken. `LLM.step` ends a single request's failures (its
+        adapter's read, its forward pass, its logits, its draw) itself, so what escapes
+        it is the step's own bookkeeping (scheduler, cache books, a KV copy between
+        arenas, block tables the model runner refuses), after which no request's state
+        can be trusted: every request in flight fails with it, and the traceback goes
+        to the log."""
+        log.error("engine step failed; failing %d requests in flight",
+                  len(self.llm.unfinished_ids), exc_info=error)
         for rid in self.llm.unfinished_ids:
             self.llm.abort(rid)
             self.llm.take_output(rid)

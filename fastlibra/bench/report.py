@@ -48,11 +48,9 @@ def format_table(results: dict[str, dict]) -> str:
     lines.append("times in ms; queue + adapter + KV + prefill = TTFT mean (the paper's "
                  "breakdown); invalid KV: device blocks whose adapter is not on device, x seconds")
     for name, r in results.items():
-        if "learned_kv_half_life_s" in r:
-            lines.append(f"{name} learned: half-life {r['learned_kv_half_life_s']:.1f} s (KV), "
-                         f"{r['learned_adapter_half_life_s']:.1f} s (adapters); new-leaf floor "
-                         f"{r['learned_leaf_reuse']:.2f} visits; disk read wait "
-                         f"{r['learned_disk_wait']:.1f}x")
+        if "learned_half_life_s" in r:
+            lines.append(f"{name} learned: half-life {r['learned_half_life_s']:.1f} s; "
+                         f"new-leaf floor {r['learned_leaf_reuse']:.2f} visits")
     return "\n".join(lines)
 
 

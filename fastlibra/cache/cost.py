@@ -4,22 +4,14 @@
 
 reuse_rate is a visit count decayed with a half-life H (recency and frequency in one
 number); nodes that requests already waiting in the queue will need rank above all others.
-H follows the workload, and differs between the two kinds of node because their reuse does:
-
-* KV: H is the running mean of the gaps between consecutive visits of a KV node (agent
-  steps come seconds apart, chat turns tens of seconds), so a node unvisited for one
-  typical reuse gap has lost half its evidence. A node dropped in between counts too (its
-  position is remembered as a ghost), or H would only see the gaps short enough to survive.
-  A fixed H ranks by the wrong time scale on one workload or another: with 15 s, a finished
-  agent burst (five visits, 14 s ago) outranks a live burst that started a second ago,
-  which LRU keeps.
-* Adapters: an adapter outlives the conversations that use it, and its popularity is
-  skewed, so its gaps are heavy-tailed: a hot adapter returns within a second, one of the
-  tail every half minute. The decisions that matter are about the tail (the hot ones never
-  leave the device), so H is the *length-biased* mean gap, E[gap^2] / E[gap]: the gap a
-  random moment falls in. With the plain mean (3.6 s on a 70B / 100-adapter translation
-  run) a tail adapter's count had decayed to 1/300 before it returned, and the host kept
-  translation suffixes that were never reused in its place (14 s there).
+H follows the workload: it is the running mean of the gaps between consecutive visits of a
+KV node (agent steps come seconds apart, chat turns tens of seconds), so a node unvisited for
+one typical reuse gap has lost half its evidence. A KV node dropped in between counts too
+(its position is remembered as a ghost), or H would only see the gaps short enough to
+survive. A fixed H ranks by the wrong time scale on one workload or another: with 15 s, a
+finished agent burst (five visits, 14 s ago) outranks a live burst that started a second
+ago, which LRU keeps. (Adapters once had their own, length-biased H, and disk reads a
+learned queueing factor; neither paid on held-out data, `bench mechanisms`, so both went.)
 
 miss_penalty is what the next visit pays if `n` is not where it is now:
 
@@ -29,16 +21,12 @@ miss_penalty is what the next visit pays if `n` is not where it is now:
     leaving the host, KV        -> prefill time - h2d time   (what the host copy saved)
     leaving the host, adapter   -> disk load - h2d time
 
-A disk load is the bare read times the mean wait/read ratio of the loads seen so far:
-reads share one queue, and on a small host with many adapters a miss waited 3.4 reads'
-time on average (70B, 100 adapters, 17 req/s), which a bare read undercharges.
-
-Nodes of one kind decay at one rate r, so `log(value)` at time t equals
+Every node decays at one rate r, so `log(value)` at time t equals
 `log(freq at t_last) + t_last * r + log(penalty/blocks) - t * r`: the last term is shared
-by all nodes of the kind, so ordering by the rest (`key`) is ordering by value at *any*
-time. The swapper keeps each kind in heaps whose keys change only when the node itself is
-visited or moved, instead of re-scoring every node every tick, and compares the two
-kinds' best candidates at the current time (`at`). When an H moves by more than
+by all nodes, so ordering by the rest (`key`) is ordering by value at *any* time. The
+swapper keeps nodes in heaps whose keys change only when the node itself is visited or
+moved, instead of re-scoring every node every tick (`at` turns a key back into the log of
+the value at a given time). When H moves by more than
 `REKEY_RATIO` the keys are rebuilt once (`on_rekey`, O(nodes)); the means are steady after
 the first few hundred revisits, so that happens a handful of times per run.
 """
@@ -66,14 +54,12 @@ LEAF_CHANCE = 4.0
 (its own evidence has decayed to 1/16 by then)."""
 MAX_GHOSTS = 65536
 """Dropped KV nodes remembered (by position only, no blocks) to time their re-reference."""
-MECHANISMS = ("leaf-floor", "ghosts", "disk-wait", "adapter-half-life", "queued-demand")
+MECHANISMS = ("leaf-floor", "ghosts", "queued-demand")
 """What the model learns or adds beyond decayed visits x miss penalty; each can be switched
 off (policy `fastlibra~ghosts` is fastlibra without ghosts) to measure what it pays:
 * leaf-floor: a new leaf's count starts at the learned reuse fraction of such leaves
   (off: at one visit, like every other new node);
 * ghosts: dropped KV is remembered to time its re-reference gap (off: only survivors);
-* disk-wait: an adapter's disk penalty includes the learned queueing wait (off: bare read);
-* adapter-half-life: adapters decay with their own length-biased half-life (off: with KV's);
 * queued-demand: nodes a queued request needs rank above all others (off: history only)."""
 MIN_HALF_LIFE_S = 1.0
 """Floor of H: a prefix shared by many short requests is revisited every few steps, and
@@ -91,13 +77,10 @@ def _strayed(target: float, in_use: float) -> bool:
 
 @dataclass
 class HalfLife:
-    """The decay half-life of one kind of node, learned from the gaps between its visits."""
+    """The decay half-life of visit counts, learned from the gaps between visits."""
 
     value: float
-    length_biased: bool
-    """Follow E[gap^2] / E[gap] (heavy-tailed gaps, see the module docstring), not E[gap]."""
     mean: float = 0.0
-    mean_sq: float = 0.0
     seen: int = 0
     rate: float = field(init=False)
     """ln 2 / H: a count's decay per second."""
@@ -113,9 +96,7 @@ class HalfLife:
         """Count one gap; True if H moved, so that every key built with it is stale."""
         self.seen += 1
         self.mean = _running_mean(self.mean, gap, self.seen)
-        self.mean_sq = _running_mean(self.mean_sq, gap * gap, self.seen)
-        scale = self.mean_sq / self.mean if self.length_biased else self.mean
-        target = max(MIN_HALF_LIFE_S, scale)
+        target = max(MIN_HALF_LIFE_S, self.mean)
         if _strayed(target, self.value):
             self.set(target)
             return True
@@ -136,39 +117,25 @@ class CostModel:
         self.hw = cfg.hardware
         self.host_keeps_kv = host_keeps_kv
         self.block_h2d_s = self.hw.h2d_time(cfg.block_bytes)
-        self.kv_life = HalfLife(cfg.decay_half_life_s, length_biased=False)
-        self.adapter_life = HalfLife(cfg.decay_half_life_s, length_biased=True)
-        """Both start at `decay_half_life_s` and follow their kind's gaps from the first."""
+        self.half_life = HalfLife(cfg.decay_half_life_s)
+        """Starts at `decay_half_life_s` and follows the reuse gaps from the first."""
         self.on_rekey: Callable[[], None] | None = None
-        """Called after an H or the disk wait changed: every key that reads it is stale."""
+        """Called after H changed: every key built with it is stale."""
         self.leaf_reuse = 1.0
         """Fraction of speculative leaves reused rather than dropped after their chance:
         the floor of a new leaf's count. Starts at one visit, as if every leaf were reused."""
         self.leaves_seen = 0
-        self.disk_wait = 1.0
-        """Running mean of (wait for an adapter's disk read) / (its bare read time): reads
-        share one queue, so under pressure a miss costs several reads."""
-        self.disk_scale = 1.0
-        """`disk_wait` as the keys were built with (moved only by REKEY_RATIO steps)."""
-        self.loads_seen = 0
         self._ghosts: OrderedDict[tuple[int, tuple[int, ...]], float] = OrderedDict()
         """(parent id, first block) of dropped KV nodes -> their last use."""
 
     def learned(self) -> dict[str, float]:
         """What this run taught the model, for reports (`fastlibra simulate` prints it)."""
-        return {"learned_kv_half_life_s": self.kv_life.value,
-                "learned_adapter_half_life_s": self.adapter_life.value,
-                "learned_leaf_reuse": self.leaf_reuse,
-                "learned_disk_wait": self.disk_scale}
+        return {"learned_half_life_s": self.half_life.value,
+                "learned_leaf_reuse": self.leaf_reuse}
 
-    def life(self, node: Node) -> HalfLife:
-        if isinstance(node, AdapterNode) and "adapter-half-life" not in self.without:
-            return self.adapter_life
-        return self.kv_life
-
-    def set_half_life(self, life: HalfLife, value: float) -> None:
+    def set_half_life(self, value: float) -> None:
         """Rank by a new H from now on (keys are rebuilt); the next revisits may move it."""
-        life.set(value)
+        self.half_life.set(value)
         self._rekey()
 
     def _rekey(self) -> None:
@@ -177,25 +144,24 @@ class CostModel:
 
     # -- statistics ---------------------------------------------------------------------
     def visit(self, node: Node, now: float) -> None:
-        """One more use of `node` at `now`: decay the old count, add one. An adapter's
-        first visit ends no gap (it was registered, not used), nor do the base model's
-        (it holds no blocks, so nothing is ever decided about it)."""
-        life = self.life(node)
+        """One more use of `node` at `now`: decay the old count, add one. H is learned from
+        KV reuse gaps only: an adapter's gaps measure its popularity, not how long reused
+        context stays worth keeping."""
         gap = max(0.0, now - node.t_last)
-        timed = isinstance(node, KVNode) or (node.freq > 0 and node.num_blocks > 0)
-        node.freq = node.freq * math.exp(-life.rate * gap) + 1.0
+        timed = isinstance(node, KVNode)
+        node.freq = node.freq * math.exp(-self.half_life.rate * gap) + 1.0
         node.t_last = now
         if isinstance(node, KVNode) and node.speculative:
             self._observe_leaf(node, reused=True)
         if timed and gap > 0:
-            self._observe_gap(life, gap)
+            self._observe_gap(gap)
 
     def forget(self, node: KVNode, now: float) -> None:
         """`node` leaves the last tier at `now` without having been reused. Only a leaf
         that had its chance counts as unused: one dropped younger than `LEAF_CHANCE`
         half-lives was pushed out by us, not passed over by the workload, and counting it
         would feed back (a lower floor drops new leaves sooner, which lowers it again)."""
-        if node.speculative and now - node.t_last >= LEAF_CHANCE * self.kv_life.value:
+        if node.speculative and now - node.t_last >= LEAF_CHANCE * self.half_life.value:
             self._observe_leaf(node, reused=False)
 
     def bury(self, node: KVNode) -> None:
@@ -215,17 +181,17 @@ class CostModel:
         dropped node started there, its re-reference gap is observed now."""
         t_last = self._ghosts.pop((parent.id, block), None)
         if t_last is not None and now > t_last:
-            self._observe_gap(self.kv_life, now - t_last)
+            self._observe_gap(now - t_last)
 
     def _observe_leaf(self, node: KVNode, reused: bool) -> None:
         node.speculative = False
         self.leaves_seen += 1
         self.leaf_reuse = _running_mean(self.leaf_reuse, float(reused), self.leaves_seen)
 
-    def _observe_gap(self, life: HalfLife, gap: float) -> None:
+    def _observe_gap(self, gap: float) -> None:
         """A node was reused `gap` seconds after its last use (a KV node: or its creation).
         Two visits at one instant (requests admitted together) needed no keeping: not a gap."""
-        if life.observe(gap):
+        if self.half_life.observe(gap):
             self._rekey()
 
     def inherit(self, node: Node, now: float) -> None:
@@ -251,7 +217,7 @@ class CostModel:
         node.t_last = now
 
     def reuse_rate(self, node: Node, now: float) -> float:
-        return node.freq * math.exp(-self.life(node).rate * max(0.0, now - node.t_last))
+        return node.freq * math.exp(-self.half_life.rate * max(0.0, now - node.t_last))
 
     # -- penalties (seconds) ------------------------------------------------------------
     def recompute_time(self, node: KVNode) -> float:
@@ -264,22 +230,8 @@ class CostModel:
             return self.hw.h2d_time(node.nbytes)
         return node.num_blocks * self.block_h2d_s
 
-    def observe_load(self, node: AdapterNode, wait: float) -> None:
-        """A read of `node` from disk was queued and is done `wait` seconds from now."""
-        if "disk-wait" in self.without:
-            return
-        self.loads_seen += 1
-        ratio = wait / self.hw.disk_load_time(node.nbytes)
-        self.disk_wait = _running_mean(self.disk_wait, ratio, self.loads_seen)
-        target = max(1.0, self.disk_wait)
-        if _strayed(target, self.disk_scale):
-            self.disk_scale = target
-            self._rekey()
-
     def disk_time(self, node: AdapterNode) -> float:
-        """What reading `node` back from disk costs, including the usual wait behind
-        other reads."""
-        return self.hw.disk_load_time(node.nbytes) * self.disk_scale
+        return self.hw.disk_load_time(node.nbytes)
 
     def worth_hosting(self, node: Node) -> bool:
         """Is a host copy cheaper to bring back than rebuilding the node?"""
@@ -318,12 +270,11 @@ class CostModel:
         if node.freq <= 0 or penalty <= 0:
             return (demand, -math.inf)
         return (demand,
-                math.log(node.freq) + self.life(node).rate * node.t_last + math.log(penalty))
+                math.log(node.freq) + self.half_life.rate * node.t_last + math.log(penalty))
 
     def at(self, node: Node, key: tuple[int, float], now: float) -> tuple[int, float]:
-        """`node`'s `key` as (queued demand, log of `value` at `now`): comparable between
-        adapters and KV, which decay at different rates."""
-        return (key[0], key[1] - self.life(node).rate * now)
+        """`node`'s `key` as (queued demand, log of `value` at `now`)."""
+        return (key[0], key[1] - self.half_life.rate * now)
 
 
 def lru_key(node: Node, tier: Tier) -> tuple[int, float]:

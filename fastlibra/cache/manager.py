@@ -186,9 +186,8 @@ class CacheManager:
             return self.base
         try:
             return self.adapters[name]
-        except KeyError:
-            known = ", ".join(sorted(self.adapters)[:10]) or "none"
-            raise UnknownAdapter(f"unknown adapter {name!r}; registered: {known}") from None
+        except KeyError:  # the names of the others are not a stranger's business
+            raise UnknownAdapter(f"unknown adapter {name!r}") from None
 
     def _retire(self, adapter: AdapterNode) -> None:
         adapter.retired = True
@@ -307,12 +306,8 @@ class CacheManager:
                 st.adapter_host_hits += 1
             else:
                 st.adapter_disk_loads += 1
-            from_disk = node.tier is Tier.DISK
             self.swapper.make_room(self.device_adapter_pool, node.num_blocks, now)
-            loaded = self.move(node, Tier.DEVICE, now)
-            if from_disk:
-                self.cost.observe_load(node, loaded - now)
-            ready = max(ready, loaded)
+            ready = max(ready, self.move(node, Tier.DEVICE, now))
         for n in from_host:
             self.swapper.make_room(self.device_kv_pool, n.num_blocks, now)
             ready = max(ready, self.move(n, Tier.DEVICE, now))

@@ -4,10 +4,10 @@ Eviction candidates of a pool are its *leaves* (no resident children in that tie
 a policy without the dependency rule, any adapter), never pinned. Prefetch candidates are
 host nodes whose parent is already on device (without the dependency rule, KV right below
 an adapter wherever the adapter is). Both are kept in heaps ordered by the
-policy's key, one heap per kind of node (adapters and KV decay at different rates, so a
-key is time-invariant only within its kind; see `cost.py`), with lazy deletion: any
-change to a node bumps its version and pushes a fresh entry; stale entries are skipped
-when popped. A choice takes the better of the two kinds' tops, compared at the time.
+policy's key (time-invariant, see `cost.py`), one heap per kind of node so that the least
+valuable adapter alone can be found (vLLM's capped CPU adapter cache), with lazy deletion:
+any change to a node bumps its version and pushes a fresh entry; stale entries are
+skipped when popped. A choice takes the better of the two kinds' tops.
 
 Every byte that moves is described by a `Move` and handed to a `Mover`: the simulator
 charges copy time for it, the model runner copies real blocks, the demo counts bytes.

@@ -27,6 +27,9 @@ class StepOutput:
     """Seconds the step took (simulated or measured)."""
     tokens: dict[str, list[int]] = field(default_factory=dict)
     """Sampled tokens per request id, for requests whose context was fully computed."""
+    failed: dict[str, Exception] = field(default_factory=dict)
+    """Requests whose part of the step failed (their own error each): their step is not
+    counted, and the caller ends them; the rest of the batch goes on."""
 
 
 class Runner(Protocol):
@@ -130,11 +133,14 @@ class Engine:
         done: list[Request] = []
         now = self.now
         for item in batch.prefills:
-            item.request.num_computed += item.num_tokens
+            if item.request.request_id not in out.failed:
+                item.request.num_computed += item.num_tokens
         for req in batch.decodes:
-            req.num_computed += batch.num_steps
+            if req.request_id not in out.failed:
+                req.num_computed += batch.num_steps
         for req in [p.request for p in batch.prefills] + batch.decodes:
-            if req.num_computed < len(req.prompt) + len(req.generated):
+            if req.request_id in out.failed \
+                    or req.num_computed < len(req.prompt) + len(req.generated):
                 continue  # a prefill chunk short of the end: no token yet
             req.generated += out.tokens[req.request_id]
             req.num_computed = len(req.prompt) + len(req.generated) - 1

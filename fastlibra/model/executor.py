@@ -17,17 +17,27 @@ that carries out the cache's copies.
 
 Copies run on a copy thread (CPU) or on a side CUDA stream driven by that thread, in
 submission order, while the engine goes on scheduling and computing. `submit` does the
-bookkeeping at once (an adapter's views are installed, or removed, before its bytes
+bookkeeping at once (an adapter leaving the device loses its views before its bytes
 move) and returns when the copy is expected to be done, so the scheduler leaves a
 request whose adapter or cached prefix is still in flight out of the next steps while
 others run. Before a forward pass the executor calls `wait_for` with the blocks and
 adapters that step touches: it waits only for the copies into those blocks, and for
 every pending swap-out (their source blocks are free in the books and this step may
 write into them). `async_copies=False` makes every copy synchronous instead.
+
+Adapter loads are transactional: an adapter arriving on the device gets its views in
+the model runner only in `wait_for` (or `drain`), on the engine thread, after its bytes
+landed. A read that fails (its directory deleted or changed since it was checked) leaves
+the adapter in `failed`: `wait_for` reports it, the executor fails the requests of the
+step that use it, and `LLM` fails every other request waiting for it and unloads it
+(it is not re-read on the next use: a directory that failed once is not trusted again
+until it is loaded anew). Its blocks go back to the pool with whatever the read left in
+them, never reachable through a view.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,6 +51,7 @@ from fastlibra.cache import Allocation, CacheManager, Move, MoveKind, Tier
 from fastlibra.cache.tree import AdapterNode
 from fastlibra.config import HardwareProfile
 from fastlibra.engine.engine import StepOutput
+from fastlibra.engine.request import Request
 from fastlibra.engine.scheduler import Batch
 from fastlibra.model.forward import ModelRunner, SeqInput
 from fastlibra.model.lora import ArenaLayout, LoraAdapter, load_adapter
@@ -53,11 +64,33 @@ from fastlibra.model.sampling import (
 )
 
 
+class RequestFailed(RuntimeError):
+    """One request's part of a step failed; the other requests of the step go on.
+    `adapter` names the adapter at fault (its files could not be read, its weights gave
+    non-finite logits), None when the fault is not an adapter's."""
+
+    def __init__(self, message: str, adapter: str | None = None) -> None:
+        super().__init__(message)
+        self.adapter = adapter
+
+    @classmethod
+    def unreadable(cls, adapter: str, error: Exception) -> RequestFailed:
+        return cls(f"adapter {adapter!r} could not be read ({error}); it has been unloaded: "
+                   "load it again once its files are back", adapter)
+
+
 class ModelExecutor:
     """Runs one engine step on the real model and samples the next tokens.
 
     `alloc_of(request_id)` returns the scheduler's `Allocation` of a running request
-    (its block table); `set_sampling` gives a request its parameters (default greedy)."""
+    (its block table); `set_sampling` gives a request its parameters (default greedy).
+
+    A failure is attributed to the requests it belongs to, never to the whole batch: an
+    adapter whose read failed fails the requests using it, a forward pass whose kernel
+    raises is retried one sequence at a time (only the sequences that fail alone fail), a row of
+    non-finite logits or a draw that raises fails its request. Failed requests go to
+    `StepOutput.failed` (and `failed`, for `LLM` to end them); the rest of the step is
+    computed and sampled as if they had not been there."""
 
     max_fused_steps = 1
 
@@ -68,7 +101,9 @@ class ModelExecutor:
         self.model = model
         self.alloc_of = alloc_of
         self.wait_for = wait_for
-        """`ArenaMover.wait_for`: blocks until the copies this step reads have landed."""
+        """`ArenaMover.wait_for`: blocks until the copies this step reads have landed, and
+        gives adapters that landed their views (needed whenever an `ArenaMover` moves
+        adapters); returns the adapters whose read failed."""
         self.sampler = sampler if sampler is not None else Sampler()
         self.clock = clock
         self._params: dict[str, SamplingParams] = {}
@@ -77,6 +112,8 @@ class ModelExecutor:
         self._per_token = 0.0
         """Running mean of measured seconds per computed token (for `step_estimate`)."""
         self.steps = 0
+        self.failed: dict[str, Exception] = {}
+        """Requests failed by the steps so far; the caller takes and ends them."""
 
     def set_sampling(self, request_id: str, params: SamplingParams) -> None:
         self._params[request_id] = params
@@ -101,46 +138,98 @@ class ModelExecutor:
         the measured wall time of this call."""
         assert batch.num_steps == 1, "the model runner computes one step at a time"
         t0 = self.clock()
-        seqs: list[SeqInput] = []
-        complete: list[str] = []  # request ids whose row gets a token, in seqs order
-        rows: list[int] = []
-        requests = []
+        work: list[tuple[str, SeqInput, bool]] = []  # (request id, input, gets a token)
         for item in batch.prefills:
             r = item.request
             end = item.prefix_len + item.num_tokens
-            seqs.append(SeqInput(r.all_tokens[item.prefix_len:end], item.prefix_len,
-                                 self.alloc_of(r.request_id).block_table(), r.adapter))
-            if end >= len(r.prompt) + len(r.generated):
-                complete.append(r.request_id)
-                rows.append(len(seqs) - 1)
-                requests.append(r)
+            work.append((r.request_id, SeqInput(r.all_tokens[item.prefix_len:end],
+                                                item.prefix_len,
+                                                self.alloc_of(r.request_id).block_table(),
+                                                r.adapter),
+                         end >= len(r.prompt) + len(r.generated)))
         for r in batch.decodes:
             pos = r.num_computed  # the last sampled token, whose KV is not computed yet
-            seqs.append(SeqInput(r.all_tokens[pos:pos + 1], pos,
-                                 self.alloc_of(r.request_id).block_table(), r.adapter))
-            complete.append(r.request_id)
-            rows.append(len(seqs) - 1)
-            requests.append(r)
+            work.append((r.request_id, SeqInput(r.all_tokens[pos:pos + 1], pos,
+                                                self.alloc_of(r.request_id).block_table(),
+                                                r.adapter), True))
+        failed: dict[str, Exception] = {}
+        if work and self.wait_for is not None:
+            broken = self.wait_for((b for _, s, _ in work for b in s.block_table),
+                                   {s.adapter for _, s, _ in work if s.adapter is not None})
+            for rid, s, _ in work:
+                if s.adapter in broken:
+                    failed[rid] = RequestFailed.unreadable(s.adapter, broken[s.adapter])
+            work = [w for w in work if w[0] not in failed]
         tokens: dict[str, list[int]] = {}
-        if seqs and self.wait_for is not None:
-            self.wait_for((b for s in seqs for b in s.block_table),
-                          (s.adapter for s in seqs if s.adapter is not None))
-        if seqs:
-            logits = self.model.forward(seqs)  # [len(seqs), vocab]
-            if rows:
-                params = [self._params.get(rid, GREEDY) for rid in complete]
-                picked = self.sampler.sample(logits[rows], params, complete,
-                                             [(r.prompt, r.generated) for r in requests])
-                tokens = {rid: [t] for rid, t in zip(complete, picked, strict=True)}
-                lps = token_logprobs(logits[rows], picked, [p.logprobs for p in params])
-                for rid, lp in zip(complete, lps, strict=True):
-                    if lp is not None:
-                        self._logprobs.setdefault(rid, []).append(lp)
+        if work:
+            logits = self._forward(work, failed)  # [len(work), vocab]
+            sample = [(i, rid, s) for i, (rid, s, last) in enumerate(work)
+                      if last and rid not in failed]
+            requests = {r.request_id: r for r in batch.decodes} | {
+                p.request.request_id: p.request for p in batch.prefills}
+            tokens = self._sample(logits, sample, failed, requests)
         duration = self.clock() - t0
         n = max(1, batch.num_tokens)
         self.steps += 1
         self._per_token += (duration / n - self._per_token) / min(self.steps, 20)
-        return StepOutput(duration, tokens)
+        self.failed.update(failed)
+        return StepOutput(duration, tokens, failed)
+
+    def _forward(self, work: list[tuple[str, SeqInput, bool]],
+                 failed: dict[str, Exception]) -> torch.Tensor:
+        """Logits [len(work), vocab] of the batch; if a kernel raises (a RuntimeError: out
+        of memory, a launch failure), of each sequence alone (rewriting a sequence's KV
+        slots writes the same values), and a sequence that fails alone fails its request
+        (its row is left NaN: never sampled). A ValueError is the runner refusing the
+        step's inputs (block tables, adapters): the engine's books are wrong, so it is
+        not retried."""
+        try:
+            return self.model.forward([s for _, s, _ in work])
+        except RuntimeError:  # whose fault it is is found just below
+            pass
+        rows = []
+        for rid, s, _ in work:
+            try:
+                rows.append(self.model.forward([s]))
+            except RuntimeError as e:  # this request's alone
+                failed[rid] = RequestFailed(f"the forward pass failed: {e}", s.adapter)
+                rows.append(torch.full((1, self.model.cfg.vocab_size), math.nan,
+                                       device=self.model.w.device))
+        return torch.cat(rows)
+
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, str, SeqInput]],
+                failed: dict[str, Exception],
+                requests: dict[str, Request]) -> dict[str, list[int]]:
+        """One token per (row, request), and its logprobs if the request asks; a
+        non-finite row or a failed draw fails its request only."""
+        if not rows:
+            return {}
+        picked = logits[[i for i, _, _ in rows]]
+        finite = torch.isfinite(picked).all(-1).tolist()
+        ok = [j for j, good in enumerate(finite) if good]
+        for j, good in enumerate(finite):
+            if not good:
+                _, rid, s = rows[j]
+                blame = f"adapter {s.adapter!r}" if s.adapter is not None else "the model"
+                failed[rid] = RequestFailed(f"{blame} produced non-finite logits (inf or "
+                                            "NaN) for this request", s.adapter)
+        rids = [rows[j][1] for j in ok]
+        params = [self._params.get(r, GREEDY) for r in rids]
+        got = self.sampler.sample(picked[ok], params, rids,
+                                  [(requests[r].prompt, requests[r].generated) for r in rids])
+        drawn = [not isinstance(t, Exception) for t in got]
+        lps = token_logprobs(picked[ok], [t if d else 0 for t, d in zip(got, drawn, strict=True)],
+                             [p.logprobs if d else None
+                              for p, d in zip(params, drawn, strict=True)])
+        tokens: dict[str, list[int]] = {}
+        for rid, t, lp in zip(rids, got, lps, strict=True):
+            if isinstance(t, Exception):
+                failed[rid] = RequestFailed(f"sampling failed: {t}")
+                continue
+            tokens[rid] = [t]
+            if lp is not None:
+                self._logprobs.setdefault(rid, []).append(lp)
+        return tokens
 
 
 class ArenaMover:
@@ -194,6 +283,11 @@ class ArenaMover:
         self._block_ready: dict[int, Future] = {}
         """Device block -> the copy writing into it (swap-in or load)."""
         self._adapter_ready: dict[str, Future] = {}
+        self._arriving: dict[str, list[int]] = {}
+        """Adapters on their way to the device (their cache blocks): views once landed."""
+        self.failed: dict[str, Exception] = {}
+        """Adapters whose read from disk failed (written by the copy thread); `LLM`
+        fails their requests and unloads them, and `forget_adapter` clears the entry."""
 
     # -- the Mover protocol --------------------------------------------------------------
     def estimate(self, kind: MoveKind, nbytes: int, now: float) -> float:
@@ -228,16 +322,23 @@ class ArenaMover:
 
     def _timed(self, move: Move, work: Callable[[], None], event) -> None:
         t0 = self.clock()
-        if self._stream is not None:
-            with torch.cuda.stream(self._stream):
-                if event is not None:
-                    self._stream.wait_event(event)
+        try:
+            if self._stream is not None:
+                with torch.cuda.stream(self._stream):
+                    if event is not None:
+                        self._stream.wait_event(event)
+                    work()
+                self._stream.synchronize()
+            else:
                 work()
-            self._stream.synchronize()
-        else:
-            work()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+        except Exception as e:
+            if not isinstance(move.node, AdapterNode):
+                raise  # a KV copy between arenas: nothing to blame but the engine
+            with self._lock:
+                self.failed[move.node.name] = e
+            return
         seconds = self.clock() - t0
         with self._lock:
             self.seconds[move.kind] += seconds
@@ -251,28 +352,42 @@ class ArenaMover:
                 old = self.load_s_per_byte
                 self.load_s_per_byte = rate if old is None else old + (rate - old) / 4
 
-    def wait_for(self, blocks: Iterable[int], adapters: Iterable[str]) -> None:
+    def wait_for(self, blocks: Iterable[int], adapters: Iterable[str]) -> dict[str, Exception]:
         """Before a step: every pending swap-out, and the copies into `blocks` (device
-        arena ids) and into the given adapters' blocks."""
+        arena ids) and into the given adapters' blocks; adapters that landed get their
+        views. Returns the given adapters whose read failed, with the error."""
         for fut in self._swap_outs:
             fut.result()
         self._swap_outs.clear()
         # Most steps have no copy in flight: then the block tables are not walked at all.
         waits = [self._block_ready.pop(b, None) for b in blocks] if self._block_ready else []
+        adapters = list(adapters)
         if self._adapter_ready:
             waits += [self._adapter_ready.pop(a, None) for a in adapters]
         for fut in waits:
             if fut is not None:
                 fut.result()
+        with self._lock:
+            failed = {a: self.failed[a] for a in adapters if a in self.failed}
+        for a in adapters:
+            if a in self._arriving and a not in failed:
+                self._install(a, self._arriving.pop(a))
+        return failed
+
+    def failed_adapters(self) -> dict[str, Exception]:
+        with self._lock:
+            return dict(self.failed)
 
     def drain(self) -> None:
-        """Until every submitted copy is done."""
+        """Until every submitted copy is done; adapters that landed get their views."""
         for fut in self._inflight:
             fut.result()
         self._inflight.clear()
         self._swap_outs.clear()
         self._block_ready.clear()
         self._adapter_ready.clear()
+        for name in [a for a in self._arriving if a not in self.failed]:
+            self._install(name, self._arriving.pop(name))
 
     def close(self) -> None:
         self.drain()
@@ -317,6 +432,9 @@ class ArenaMover:
         self.adapter_paths.pop(name, None)
         self.layouts.pop(name, None)
         self.on_host.pop(name, None)
+        self._arriving.pop(name, None)
+        with self._lock:
+            self.failed.pop(name, None)
 
     def load_from(self, name: str, path: Path) -> LoraAdapter:
         return load_adapter(path, self.model.cfg, max_rank=self.max_rank, name=name,
@@ -329,7 +447,8 @@ class ArenaMover:
         return [b + self.adapter_block_offset for b in blocks]
 
     def _install(self, name: str, device_blocks: list[int]) -> None:
-        """Register the adapter with the model runner as views of its device blocks."""
+        """Register the adapter with the model runner as views of its device blocks
+        (only once its bytes are there: see the module docstring)."""
         meta, layout = self.layouts[name]
         if name in self.model.adapters:
             self.model.remove_adapter(name)  # a stale entry of a dropped adapter
@@ -359,7 +478,7 @@ class ArenaMover:
             raise KeyError(f"adapter {name!r} has no directory; read it with read_adapter")
         kind = move.kind
         if kind is MoveKind.LOAD:
-            self._install(name, move.dst_blocks)
+            self._arriving[name] = list(move.dst_blocks)
             return partial(self._write, name, self.model.kv.data,
                            self._device_blocks(move.dst_blocks))
         if kind is MoveKind.LOAD_HOST:
@@ -367,11 +486,16 @@ class ArenaMover:
             return partial(self._write, name, self.host, move.dst_blocks)
         if kind is MoveKind.SWAP_IN:
             self.on_host.pop(name, None)
-            self._install(name, move.dst_blocks)
+            self._arriving[name] = list(move.dst_blocks)
         else:
-            self.model.remove_adapter(name)
+            self._uninstall(name)
             self.on_host[name] = list(move.dst_blocks)
         return partial(self._copy_blocks, move, self.adapter_block_offset)
+
+    def _uninstall(self, name: str) -> None:
+        self._arriving.pop(name, None)
+        if name in self.model.adapters:
+            self.model.remove_adapter(name)
 
     def sync_adapters(self, cache: CacheManager) -> None:
         """Match the cache's books where they change without a move: forget copies it
@@ -389,10 +513,10 @@ class ArenaMover:
         """The part of `sync_adapters` a step needs: only registration places adapters
         without a move, so between steps only drops are left to reconcile (and only the
         resident adapters are looked at, not every registered one)."""
-        for name in list(self.model.adapters):
+        for name in list(self.model.adapters) + list(self._arriving):
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.DEVICE:
-                self.model.remove_adapter(name)
+                self._uninstall(name)
         for name in list(self.on_host):
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.HOST:

@@ -25,8 +25,8 @@ One step (`ModelRunner.forward`):
                             + scale_a * (x[seg] @ A_a.T) @ B_a.T   per adapter segment
       K/V of the new rows ─write─► their slots;  attention reads each sequence's
       whole context (cached prefix + new rows) back through its block table, whole
-      blocks at a time (or, with no cached prefix, uses the new K/V directly), with a
-      causal mask offset by the prefix (and a sliding window where the model has one);
+      blocks at a time, the slots past its end in its last block zeroed (or, with no
+      cached prefix, uses the new K/V directly), with a causal mask offset by the prefix (and a sliding window where the model has one);
       no mask at all when the batch needs none (equal-length decode or plain causal
       prefill); grouped KV heads are broadcast by SDPA, never copied
     logits of each sequence's last row (or every row), in the caller's order
@@ -185,6 +185,12 @@ class _Step:
     tables: torch.Tensor | None  # [B, ceil(L / block_size)]; None: no cached prefix,
     # the context is exactly this step's new K/V
     ctx_len: int  # L: the longest context (cached prefix + new tokens)
+    stale: torch.Tensor | None
+    """[S] rows of the gathered context ([B * nblk * block_size] slots) past a sequence's
+    end inside its last block: zeroed before attention, because a masked weight is 0 and
+    0 x NaN is NaN, and a freed block may hold anything (at most block_size - 1 slots
+    per sequence; a short table is padded with the sequence's own first block, which it
+    reads anyway). None when every context is L long."""
     attn: dict[int | None, tuple[torch.Tensor | None, bool]]
     """window -> (mask [B, 1, Q, L] bool True = attend, or None; is_causal)."""
     last_rows: torch.Tensor  # [B] flat row of each sequence's last new token
@@ -306,7 +312,8 @@ class ModelRunner:
         pos = torch.tensor(prefixes, device=dev)[q_seq] + q_idx  # [T]
 
         need = -(-l_max // bs)  # block-table columns covering the longest context
-        tables = torch.tensor([list(s.block_table[:need]) + [0] * (need - len(s.block_table))
+        tables = torch.tensor([list(s.block_table[:need])
+                               + [s.block_table[0]] * (need - len(s.block_table))
                                for s in sorted_seqs], dtype=torch.long, device=dev)
         write_block, write_off = tables[q_seq, pos // bs], pos % bs  # [T], [T]
         if torch.unique(write_block * bs + write_off).numel() != len(pos):
@@ -317,12 +324,17 @@ class ModelRunner:
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
         ids = torch.tensor([t for s in sorted_seqs for t in s.tokens], dtype=torch.long,
                            device=dev)
+        stale = None
+        if any(prefixes) and min(ctx_lens) < l_max:
+            rows = [i * need * bs + p for i, n in enumerate(ctx_lens)
+                    for p in range(n, min(-(-n // bs) * bs, l_max))]
+            stale = torch.tensor(rows, dtype=torch.long, device=dev) if rows else None
         step = _Step(order=order, segments=self._segments(sorted_seqs, lengths),
                      lengths=lengths, ids=ids, cos=emb.cos().to(self.w.dtype),
                      sin=emb.sin().to(self.w.dtype), write_block=write_block,
                      write_off=write_off, uniform=uniform, q_seq=q_seq, q_idx=q_idx,
-                     tables=tables if any(prefixes) else None, ctx_len=l_max, attn={},
-                     last_rows=ends - 1)
+                     tables=tables if any(prefixes) else None, ctx_len=l_max,
+                     stale=stale, attn={}, last_rows=ends - 1)
         step.attn = self._attn_masks(step, pos, ctx_lens, prefixes)
         return step
 
@@ -419,7 +431,10 @@ class ModelRunner:
         def gather(cache: torch.Tensor) -> torch.Tensor:
             # Whole blocks (contiguous chunks; index_select copies them ~4x faster than
             # advanced indexing): [B * nblk, bs, nkv, hd] -> [B, nkv, L, hd]
-            ctx = cache.index_select(0, blocks).to(a)
+            ctx = cache.index_select(0, blocks)
+            if step.stale is not None:
+                ctx.view(-1, *ctx.shape[2:]).index_fill_(0, step.stale, 0)
+            ctx = ctx.to(a)
             return ctx.view(b, -1, *ctx.shape[2:])[:, :step.ctx_len].transpose(1, 2)
 
         return gather(self.kv.k(layer)), gather(self.kv.v(layer))

@@ -273,7 +273,13 @@ def load_adapter(path: str | Path, model: ModelConfig, *, max_rank: int,
                 want = (rank, fan_in) if ab == "A" else (fan_out, rank)
                 if tuple(t.shape) != want:
                     raise _fail(w_file, f"{short} has shape {tuple(t.shape)}, expected {want}")
-                found.setdefault((layer, module), {})[ab] = t.to(device=device, dtype=dtype)
+                t = t.to(device=device, dtype=dtype)
+                bad = int((~torch.isfinite(t)).sum())
+                if bad:  # one NaN would poison every output of the adapter (and, freed,
+                    # the blocks it leaves behind)
+                    raise _fail(w_file, f"{short} has {bad} non-finite values (NaN or inf) "
+                                        f"in {str(dtype).removeprefix('torch.')}")
+                found.setdefault((layer, module), {})[ab] = t
     except SafetensorError as e:
         raise _fail(w_file, f"not a readable safetensors file ({e})") from None
     for layer, module in sorted(targets):

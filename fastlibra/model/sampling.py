@@ -90,7 +90,8 @@ class SamplingParams:
     top_p: float = 1.0
     """Keep the smallest set of most likely tokens whose probability reaches top_p."""
     seed: int | None = None
-    """Seed of this request's own generator; None = the global torch RNG."""
+    """Seed of this request's own generator (0 .. 2**64 - 1, what torch.Generator takes);
+    None = the global torch RNG."""
     max_tokens: int = 16
     """Generated tokens at most (finish_reason "length")."""
     stop: tuple[str, ...] = ()
@@ -129,8 +130,9 @@ class SamplingParams:
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
             raise bad("top_p", "in (0, 1]")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise bad("seed", "None or an integer")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed <= MAX_SEED):
+            raise bad("seed", f"None or an integer in 0..{MAX_SEED}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
                 or self.max_tokens < 1:
             raise bad("max_tokens", "an integer >= 1")
@@ -190,6 +192,7 @@ class SamplingParams:
 GREEDY_BELOW = 1e-5
 MAX_LOGPROBS = 20
 """vLLM's default --max-logprobs, and OpenAI's limit for top_logprobs."""
+MAX_SEED = 2**64 - 1
 
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -278,9 +281,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, params: Sequence[SamplingParams],
                keys: Sequence[str],
                history: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None
-               ) -> list[int]:
+               ) -> list[int | Exception]:
         """logits [B, vocab]; `params[i]`, `keys[i]` (request ids) and `history[i]` (prompt
-        and output ids so far, for penalties and min_tokens) belong to row i."""
+        and output ids so far, for penalties and min_tokens) belong to row i. A row that
+        fails alone (its generator, its draw) gets its exception in place of a token, as
+        `asyncio.gather(return_exceptions=True)` does: the other rows keep theirs. Rows
+        must be finite (the caller fails non-finite rows before)."""
         if not (logits.shape[0] == len(params) == len(keys)):
             raise ValueError(f"{logits.shape[0]} logits rows, {len(params)} params, "
                              f"{len(keys)} keys")
@@ -300,7 +306,7 @@ class Sampler:
         out = self._pick(logits, params, keys)
         for i in constrained:
             m = self._matchers[keys[i]]
-            if not m.is_stopped():  # a finished grammar allows only EOS
+            if not m.is_stopped() and isinstance(out[i], int):  # a finished grammar: EOS
                 m.consume_token(out[i])
         return out
 
@@ -314,9 +320,9 @@ class Sampler:
         return m
 
     def _pick(self, logits: torch.Tensor, params: Sequence[SamplingParams],
-              keys: Sequence[str]) -> list[int]:
+              keys: Sequence[str]) -> list[int | Exception]:
         """Greedy rows by argmax, the others by temperature, top-k, top-p."""
-        out = [0] * len(params)
+        out: list[int | Exception] = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             for i, tok in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
@@ -338,9 +344,11 @@ class Sampler:
         drop[:, 0] = False  # even when top_p rounds to 0 in float32
         probs = probs.masked_fill(drop, 0.0)
         for j, i in enumerate(rest):
-            g = self._generator(keys[i], params[i], dev)
-            pick = torch.multinomial(probs[j], 1, generator=g)
-            out[i] = int(idx[j, pick])
+            try:
+                g = self._generator(keys[i], params[i], dev)
+                out[i] = int(idx[j, torch.multinomial(probs[j], 1, generator=g)])
+            except RuntimeError as e:
+                out[i] = e
         return out
 
 

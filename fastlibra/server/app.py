@@ -8,7 +8,10 @@
 
 `model` names the base model (its served name) or a registered adapter. Every error is
 OpenAI's error JSON with a 4xx status naming the field; nothing a client sends should
-make the server answer 500.
+make the server answer 500, and no error body carries a path of the server's own (the
+model's and adapters' directories are cut to their last part). Prompts are rendered and
+tokenised on a worker thread, not the engine's or the event loop's, and a body over
+`max_request_bytes` is refused (413) before it is parsed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import functools
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -30,15 +34,24 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fastlibra import __version__
-from fastlibra.cache import RequestTooLarge, UnknownAdapter
-from fastlibra.llm import LLM, AsyncLLM, Delta, Output, PromptTooLong
+from fastlibra.cache import CacheError, RequestTooLarge, UnknownAdapter
+from fastlibra.llm import (
+    LLM,
+    AsyncLLM,
+    Delta,
+    Output,
+    PromptTooLong,
+    RequestFailed,
+    check_adapter_name,
+)
 from fastlibra.model.lora import AdapterLoadError
-from fastlibra.model.sampling import SamplingParams, SamplingParamsError, TokenLogprobs
+from fastlibra.model.sampling import MAX_SEED, SamplingParams, SamplingParamsError, TokenLogprobs
 from fastlibra.server import protocol as P
 from fastlibra.server.metrics import ServerMetrics
 from fastlibra.server.tools import PARSER_OF_MODEL, ToolCalling, ToolError, ToolStream, call_id
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+log = logging.getLogger("fastlibra.server")
 
 
 @dataclass
@@ -78,10 +91,26 @@ class ServerConfig:
     tool_call_parser: str | None = None
     """How `tool_choice: auto` output is parsed (hermes, llama3_json); default by the
     model's type (tools.PARSER_OF_MODEL)."""
+    max_request_bytes: int = 8 * 2**20
+    """Request bodies above this are refused (413) before they are read on: 8 MiB holds
+    a 128k-token prompt as text or as token ids with room to spare."""
+
+    def __post_init__(self) -> None:
+        for name in self.adapters:
+            check_name(name, self)
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or str(self.model_dir)
+
+    def private_dirs(self) -> list[str]:
+        """Directories of this server whose paths error bodies must not show: the
+        model's, the adapter roots and the startup adapters' parents (as given and
+        resolved), longest first."""
+        dirs = [self.model_dir.parent, *self.adapter_roots,
+                *(p.parent for p in self.adapters.values())]
+        out = {str(d) for d in dirs} | {str(d.resolve()) for d in dirs}
+        return sorted((d for d in out if d not in ("", ".", "/")), key=len, reverse=True)
 
     def make_llm(self) -> LLM:
         kw = dict(device_memory=self.device_memory, host_memory=self.host_memory,
@@ -95,6 +124,14 @@ class ServerConfig:
                 raise ValueError(f"--chat-template: {self.model_dir} has no tokenizer files")
             llm.tokenizer.chat_template = self.chat_template
         return llm
+
+
+def check_name(name: str, cfg: ServerConfig) -> None:
+    """The engine's rules (length, printable), and not a name of the base model: an
+    adapter called that would be listed and never reachable."""
+    check_adapter_name(name)
+    if name in (cfg.model_name, str(cfg.model_dir)):
+        raise ValueError(f"adapter name {name!r} is the served model's name or path")
 
 
 # -- errors ----------------------------------------------------------------------------
@@ -119,7 +156,18 @@ def _as_api_error(e: Exception, prompt_field: str) -> P.ApiError:
         return P.ApiError(400, str(e), "lora_path")
     if isinstance(e, ValueError):  # token ids outside the vocabulary, empty prompt, ...
         return P.ApiError(400, str(e), prompt_field)
+    if isinstance(e, RequestFailed):  # this request alone failed inside a step
+        if e.adapter is not None:  # the adapter named in `model` is at fault
+            return P.ApiError(400, str(e), "model", code="adapter_failed")
+        return P.ApiError(500, str(e), type="internal_error")
     raise e
+
+
+def _redact(message: str, private: list[str]) -> str:
+    """`message` without the server's own directories (each cut to its last part)."""
+    for d in private:
+        message = message.replace(d + "/", "")
+    return message
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -152,9 +200,8 @@ def resolve_adapter_path(raw: str, roots: tuple[Path, ...]) -> Path:
         files = [real / f for f in ADAPTER_FILES if (real / f).exists()]
         if all(any(f.resolve().is_relative_to(r) for r in real_roots) for f in files):
             return real
-    raise P.ApiError(403, f"lora_path {raw!r} is not under an allowed adapter root "
-                     f"({', '.join(str(r) for r in roots)})", "lora_path",
-                     type="permission_error")
+    raise P.ApiError(403, f"lora_path {raw!r} is not under an allowed adapter root",
+                     "lora_path", type="permission_error")
 
 
 # -- the app ---------------------------------------------------------------------------
@@ -165,10 +212,16 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                   version="0.1.0")
     app.state.engine = engine
     app.state.metrics = metrics
+    private = cfg.private_dirs()
+    app.add_middleware(_BodyLimit, max_bytes=cfg.max_request_bytes)
+
+    def error_body(e: P.ApiError) -> dict:
+        return P.ApiError(e.status, _redact(e.message, private), e.param, e.type,
+                          e.code).body()
 
     @app.exception_handler(P.ApiError)
     async def api_error(_: Request, e: P.ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(error_body(e), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError):
@@ -181,7 +234,9 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal(_: Request, e: Exception):
-        return _error(500, f"internal error: {type(e).__name__}: {e}", type="internal_error")
+        log.error("internal error", exc_info=e)
+        return _error(500, _redact(f"internal error: {type(e).__name__}: {e}", private),
+                      type="internal_error")
 
     async def check_key(request: Request) -> None:
         if cfg.api_key is None:
@@ -265,12 +320,18 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
     async def load_lora(body: P.LoadLoraRequest):
+        try:
+            check_name(body.lora_name, cfg)
+        except ValueError as e:
+            raise P.ApiError(400, str(e), "lora_name") from None
         path = resolve_adapter_path(body.lora_path, cfg.adapter_roots)
         try:
             await engine.run(llm.add_adapter, body.lora_name, path)
         except AdapterLoadError as e:
             raise P.ApiError(400, str(e), "lora_path") from None
-        except ValueError as e:  # already loaded / being unloaded / too large
+        except CacheError as e:  # larger than the device pool could ever hold
+            raise P.ApiError(400, f"{body.lora_path}: {e}", "lora_path") from None
+        except ValueError as e:  # already loaded / being unloaded
             raise P.ApiError(400, str(e), "lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
@@ -286,10 +347,12 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
 
     async def submit(prompts: list, adapter: str | None,
                      params: SamplingParams, n: int, prompt_field: str) -> list[str]:
-        """Queue every (prompt, choice) pair or none: a failure aborts those queued."""
+        """Queue every (prompt, choice) pair or none: a failure aborts those queued.
+        Text is tokenised here, on a worker thread, never on the engine thread."""
         rids: list[str] = []
         try:
-            for p in prompts:
+            ids = [await asyncio.to_thread(llm.encode, p) for p in prompts]
+            for p in ids:
                 for j in range(n):
                     sp = params
                     if n > 1 and params.seed is not None:
@@ -314,6 +377,9 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
             params = body.sampling(default_max_tokens=16 if not chat else llm.max_model_len)
         except SamplingParamsError as e:
             raise _as_api_error(e, prompt_field) from None
+        if params.seed is not None and params.seed + body.n - 1 > MAX_SEED:
+            raise P.ApiError(400, f"seed {params.seed} with n={body.n}: choice j uses seed + "
+                             f"j, which must stay at most {MAX_SEED}", "seed")
         forced = tools.structured() if tools is not None else None
         if forced is not None:
             if params.structured is not None:
@@ -331,8 +397,12 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
         choice = _Choices(chat, token_str, echo and [e for e in echo for _ in range(body.n)],
                           tools)
         if body.stream:
-            return _EngineStream(engine, rids, _sse(engine, rids, rid, body, choice))
-        outputs = await _collect(engine, rids, request)
+            return _EngineStream(engine, rids, _sse(engine, rids, rid, body, choice,
+                                                    error_body))
+        try:
+            outputs = await _collect(engine, rids, request)
+        except RequestFailed as e:  # one of them failed inside a step (the rest aborted)
+            raise _as_api_error(e, prompt_field) from None
         if outputs is None:  # the client went away: its requests are aborted
             return Response(status_code=499)
         choices = [choice(i, o.text, o.finish_reason, o.logprobs, delta=False)
@@ -349,9 +419,13 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
         return await complete(request, body, prompts, "prompt", chat=False, echo=echo)
 
     def token_text(ids: list[int]) -> str:
+        """The text echoed for a prompt of token ids (checked before decoding)."""
         if llm.tokenizer is None:
             raise P.ApiError(400, "echo of token ids needs a tokenizer", "echo")
-        return llm.tokenizer.decode(ids)
+        try:
+            return llm.tokenizer.decode(llm.encode(ids))
+        except ValueError as e:
+            raise _as_api_error(e, "prompt") from None
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request, body: P.ChatCompletionRequest):
@@ -363,7 +437,8 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                 raise P.ApiError(400, str(e), e.field) from None
         elif body.tool_choice not in (None, "none"):
             raise P.ApiError(400, "tool_choice needs tools", "tool_choice")
-        text = _render_chat(llm, body.conversation(), True, body.tools)
+        text = await asyncio.to_thread(_render_chat, llm, body.conversation(), True,
+                                       body.tools)
         return await complete(request, body, [text], "messages", chat=True, tools=tools)
 
     return app
@@ -379,6 +454,46 @@ def _render_chat(llm: LLM, conversation: list[dict], add_generation_prompt: bool
         raise P.ApiError(400, f"the chat template rejected the messages: {e}"
                          if llm.tokenizer is not None and llm.tokenizer.chat_template else
                          f"{e}; use /v1/completions", "messages") from None
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets a 413 in OpenAI's error JSON,
+    decided from Content-Length or while the body arrives, before anything parses it.
+    The body is read here and handed on whole; later receives (disconnects) pass through."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        too_big = not declared.isdigit() or int(declared) > self.max_bytes
+        chunks: list[bytes] = []
+        size = 0
+        while not too_big:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            too_big = size > self.max_bytes
+            if not message.get("more_body", False):
+                break
+        if too_big:
+            response = _error(413, f"the request body is larger than {self.max_bytes} bytes "
+                              "(the server's --max-request-bytes)", type="invalid_request_error")
+            return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 class _EngineStream(StreamingResponse):
@@ -503,7 +618,7 @@ class _Choices:
 
 
 async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
-               choice: _Choices) -> AsyncIterator[str]:
+               choice: _Choices, error_body) -> AsyncIterator[str]:
     """OpenAI's stream: one `data: {chunk}` per delta, a usage chunk if asked, [DONE]."""
     kind = "chat.completion.chunk" if choice.chat else "text_completion"
     outputs: dict[int, Output] = {}
@@ -519,10 +634,12 @@ async def _sse(engine: AsyncLLM, rids: list[str], rid: str, body: P._Sampling,
         if body.include_usage:
             ordered = [outputs[i] for i in sorted(outputs)]
             yield chunk([], _usage(ordered, body.n))
-    except Exception as e:  # the engine failed mid-stream: say so in the stream
-        err = _as_api_error(e, "prompt") if isinstance(e, ValueError) else P.ApiError(
-            500, f"internal error: {type(e).__name__}: {e}", type="internal_error")
-        yield f"data: {json.dumps(err.body())}\n\n"
+    except Exception as e:  # this request failed mid-stream: say so in its stream
+        err = _as_api_error(e, "messages" if choice.chat else "prompt") \
+            if isinstance(e, ValueError | RequestFailed) \
+            else P.ApiError(500, f"internal error: {type(e).__name__}: {e}",
+                            type="internal_error")
+        yield f"data: {json.dumps(error_body(err))}\n\n"
     yield "data: [DONE]\n\n"
 
 

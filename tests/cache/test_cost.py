@@ -183,9 +183,9 @@ def test_the_floor_of_a_new_leaf_is_the_learned_fraction_of_such_leaves_reused()
     young = _kv(a, 4)
     a.children[(8,)] = young
     cost.inherit(young, now=0.0)
-    cost.forget(young, now=LEAF_CHANCE * cost.kv_life.value - 1)  # pushed out young: no verdict
+    cost.forget(young, now=LEAF_CHANCE * cost.half_life.value - 1)  # pushed out young: no verdict
     for leaf in leaves[1:]:
-        cost.forget(leaf, now=LEAF_CHANCE * cost.kv_life.value)  # three had their chance, unused
+        cost.forget(leaf, now=LEAF_CHANCE * cost.half_life.value)  # three had their chance, unused
     assert cost.leaf_reuse == pytest.approx(0.25) and cost.leaves_seen == 4
     new = _kv(a, 4)
     a.children[(9,)] = new
@@ -303,15 +303,13 @@ def _build(spec, root: AdapterNode):
        tier=st.sampled_from([Tier.DEVICE, Tier.HOST]),
        host_keeps_kv=st.booleans(),
        later=st.lists(st.floats(0.0, 5000.0), min_size=3, max_size=3),
-       slow_pcie=st.booleans(),
-       adapter_half_life=st.floats(10.0, 1000.0))
+       slow_pcie=st.booleans())
 def test_key_orders_nodes_as_value_does_at_any_later_time(specs, tier, host_keeps_kv, later,
-                                                          slow_pcie, adapter_half_life):
-    # Within a kind the keys themselves keep the order of values at any time; across kinds
-    # (adapters decay at their own rate) `at` restores it at the time of the comparison.
+                                                          slow_pcie):
+    # The keys themselves keep the order of values at any time, and `at` gives the log of
+    # the value at the time of the comparison.
     hw = HardwareProfile(h2d_bandwidth=1e3) if slow_pcie else HardwareProfile()
     cost = CostModel(make_cfg(hardware=hw), host_keeps_kv=host_keeps_kv)
-    cost.adapter_life.set(adapter_half_life)
     root = AdapterNode(parent=None, name="r")
     nodes = [_build(s, root) for s in specs]
     keys = [cost.key(n, tier) for n in nodes]
@@ -336,58 +334,21 @@ def test_key_orders_nodes_as_value_does_at_any_later_time(specs, tier, host_keep
 def test_half_life_follows_the_mean_gap_between_visits_of_a_kv_node():
     cost = CostModel(make_cfg(half_life=15.0), host_keeps_kv=True)
     rekeys = []
-    cost.on_rekey = lambda: rekeys.append(cost.kv_life.value)
+    cost.on_rekey = lambda: rekeys.append(cost.half_life.value)
     root = AdapterNode(parent=None, tier=Tier.DEVICE, name="a", num_blocks=2)
     node = _kv(root, 8)
     cost.visit(node, now=0.0)  # no earlier use: nothing learned, the prior stands
     cost.visit(node, now=0.0)  # two uses at one instant: not a gap either
-    assert cost.kv_life.value == 15.0 and rekeys == []
+    assert cost.half_life.value == 15.0 and rekeys == []
     for t in (3.0, 6.0, 9.0):  # reused every 3 s: H becomes 3 s, keys rebuilt once
         cost.visit(node, now=t)
-    assert cost.kv_life.value == pytest.approx(3.0) and rekeys == [pytest.approx(3.0)]
+    assert cost.half_life.value == pytest.approx(3.0) and rekeys == [pytest.approx(3.0)]
     cost.visit(root, now=60.0)  # an adapter's gaps measure its popularity, not KV reuse
-    assert cost.kv_life.value == pytest.approx(3.0)
+    assert cost.half_life.value == pytest.approx(3.0)
     for k in range(1, 100):  # never below the floor, however hot the node
         cost.visit(node, now=9.0 + 0.1 * k)
-    assert cost.kv_life.mean < 0.2
-    assert MIN_HALF_LIFE_S <= cost.kv_life.value <= REKEY_RATIO * MIN_HALF_LIFE_S
-
-
-def test_adapter_half_life_is_the_length_biased_gap_of_adapter_visits():
-    # A hot adapter returns every second, a tail one every 30 s: per visit the mean gap is
-    # ~2 s, but a moment picked at random most likely falls in a 30 s gap, and that is the
-    # scale on which the tail adapter must be judged (E[g^2] / E[g] ~ 22.8 s here).
-    cost = CostModel(make_cfg(half_life=15.0), host_keeps_kv=True)
-    hot, tail, base = (AdapterNode(parent=None, name=n, num_blocks=b)
-                       for n, b in (("hot", 2), ("tail", 2), (None, 0)))
-    for t in range(0, 121):
-        cost.visit(hot, now=float(t))
-        cost.visit(base, now=float(t) + 0.5)  # the base model holds no blocks: not timed
-        if t % 30 == 0:
-            cost.visit(tail, now=float(t))
-    gaps = [1.0] * 120 + [30.0] * 4  # the first visit of each ends no gap
-    assert cost.adapter_life.seen == len(gaps)
-    assert cost.adapter_life.mean == pytest.approx(sum(gaps) / len(gaps))
-    biased = sum(g * g for g in gaps) / sum(gaps)
-    assert cost.adapter_life.value == pytest.approx(biased, rel=REKEY_RATIO - 1)
-    assert cost.kv_life.value == 15.0  # no KV was visited
-    assert cost.reuse_rate(tail, 140.0) > 0.5  # 20 s after its last visit: under one H
-
-
-@pytest.mark.parametrize("adapter_half_life, dropped", [(60.0, "kv"), (1.0, "adapter")])
-def test_adapters_and_kv_are_compared_at_the_time_with_their_own_half_lives(
-        adapter_half_life, dropped):
-    # Host (3 blocks): adapter b, last used at t=0, and KV [1] of adapter a, made at t=10.
-    # At t=20 one block must go. Per block b costs ~6x more to rebuild (a disk load against
-    # a 4-token prefill). KV decays with H = 1 s: [1] has lost 10 half-lives. An adapter
-    # with its own H of 60 s has lost a third of one, so [1] goes; decaying as fast as KV
-    # (20 half-lives) b goes. The heaps hold keys of two rates: compared without `at` (by
-    # key alone), b would go in both cases.
-    m = _host_of_b_and_kv(b_used=0.0, kv_made=10.0)
-    m.cost.set_half_life(m.cost.kv_life, 1.0)
-    m.cost.set_half_life(m.cost.adapter_life, adapter_half_life)
-    assert m.swapper.make_room(m.host_pool, 1, now=20.0)
-    assert _host_state(m) == HOST_AFTER[dropped]
+    assert cost.half_life.mean < 0.2
+    assert MIN_HALF_LIFE_S <= cost.half_life.value <= REKEY_RATIO * MIN_HALF_LIFE_S
 
 
 def test_a_dropped_node_asked_for_again_still_reports_its_gap():
@@ -397,34 +358,13 @@ def test_a_dropped_node_asked_for_again_still_reports_its_gap():
     m = make_manager("fastlibra", device_blocks=8, host_blocks=0, adapters={"a": 2})
     run(m, "x", "a", X + (9,), now=0.0)
     run(m, "y", "a", Y + (9,), now=1.0)
-    assert m.cost.kv_life.seen == 0
+    assert m.cost.half_life.seen == 0
     run(m, "z", "a", blocks(5, 6) + (9,), now=2.0)  # X (the least valued) is dropped
     assert tree(m, "a") == ["[3][4] DEVICE [4, 5]", "[5][6] DEVICE [2, 3]"]
     run(m, "w", "a", blocks(7) + (9,), now=3.0)  # never cached before: no gap
-    assert m.cost.kv_life.seen == 0
+    assert m.cost.half_life.seen == 0
     run(m, "x2", "a", X + (9,), now=30.0)
-    assert m.cost.kv_life.seen == 1 and m.cost.kv_life.mean == pytest.approx(30.0)
-
-
-def test_disk_reads_that_wait_in_a_queue_make_a_hosted_adapter_worth_more():
-    # Reads from disk share one queue: under pressure a miss waits for several reads. The
-    # cost model learns the ratio from the loads it sees and charges it to adapters.
-    from conftest import RecordingMover
-    m = make_manager("fastlibra", device_blocks=16, adapters={"a": 2, "b": 2})
-    a = m.adapter("a")
-    bare = m.cfg.hardware.disk_load_time(a.nbytes)
-    before = m.cost.miss_penalty(a, Tier.HOST)
-    assert before == pytest.approx(bare - m.cost.transfer_time(a))
-    rekeys = []
-    m.cost.on_rekey = lambda: rekeys.append(m.cost.disk_scale)
-    m.mover = RecordingMover(delay=4 * bare)  # each read waits behind three others
-    run(m, "r", "a", blocks(1) + (7,), now=0.0)
-    assert m.cost.loads_seen == 1 and m.cost.disk_wait == pytest.approx(4.0)
-    assert rekeys == [pytest.approx(4.0)]  # keys read the penalty: rebuilt once
-    assert m.cost.miss_penalty(a, Tier.HOST) == pytest.approx(4 * bare - m.cost.transfer_time(a))
-    m.mover = RecordingMover(delay=0.5 * bare)  # a quiet queue: the mean falls back
-    run(m, "s", "b", blocks(2) + (7,), now=1.0)
-    assert m.cost.disk_wait == pytest.approx(2.25) and m.cost.disk_scale == pytest.approx(2.25)
+    assert m.cost.half_life.seen == 1 and m.cost.half_life.mean == pytest.approx(30.0)
 
 
 def test_a_finished_burst_leaves_before_the_live_one_with_the_learned_half_life():
@@ -433,12 +373,12 @@ def test_a_finished_burst_leaves_before_the_live_one_with_the_learned_half_life(
     # as LRU would have it. With a fixed 60 s H, X's visits still outweigh Y's and the live
     # burst is pushed out instead.
     m = _two_leaves(x_visits=(0.0, 2.0, 4.0, 6.0), y_visits=(19.0,))
-    assert m.cost.kv_life.value == pytest.approx(2.0)
+    assert m.cost.half_life.value == pytest.approx(2.0)
     _pressure(m, now=20.0)
     assert tree(m, "a") == ["[1][2] HOST [0, 1]", "[3][4] DEVICE [4, 5]"]
 
     m = _two_leaves(x_visits=(0.0, 2.0, 4.0, 6.0), y_visits=(19.0,))
-    m.cost.set_half_life(m.cost.kv_life, 60.0)
+    m.cost.set_half_life(60.0)
     _pressure(m, now=20.0)
     assert tree(m, "a") == ["[1][2] DEVICE [2, 3]", "[3][4] HOST [0, 1]"]
 
@@ -486,22 +426,7 @@ def test_without_ghosts_a_dropped_node_reports_no_gap():
     run(m, "y", "a", Y + (9,), now=1.0)
     run(m, "z", "a", blocks(5, 6) + (9,), now=2.0)  # X is dropped
     run(m, "x2", "a", X + (9,), now=30.0)
-    assert m.cost.kv_life.seen == 0  # with ghosts: the 30 s gap
-
-
-def test_without_the_disk_wait_an_adapter_costs_its_bare_read():
-    from conftest import RecordingMover
-    m = make_manager("fastlibra~disk-wait", device_blocks=16, adapters={"a": 2})
-    bare = m.cfg.hardware.disk_load_time(m.adapter("a").nbytes)
-    m.mover = RecordingMover(delay=4 * bare)
-    run(m, "r", "a", blocks(1) + (7,), now=0.0)
-    assert m.cost.disk_scale == 1.0  # with the mechanism: 4.0
-
-
-def test_without_their_own_half_life_adapters_decay_with_kv():
-    m = make_manager("fastlibra~adapter-half-life", adapters={"a": 2})
-    assert m.cost.life(m.adapter("a")) is m.cost.kv_life
-    assert make_manager(adapters={"a": 2}).cost.life(m.adapter("a")) is not m.cost.kv_life
+    assert m.cost.half_life.seen == 0  # with ghosts: the 30 s gap
 
 
 def test_without_queued_demand_the_key_is_history_only():

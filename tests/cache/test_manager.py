@@ -298,7 +298,7 @@ def test_unregister_stops_serving_but_lets_running_requests_finish():
     m = make_manager(adapters={"a": 2})
     running = m.allocate("r1", "a", blocks(1, 2), now=0.0)
     m.unregister_adapter("a")
-    with pytest.raises(UnknownAdapter, match="unknown adapter 'a'; registered: none"):
+    with pytest.raises(UnknownAdapter, match="unknown adapter 'a'$"):
         m.allocate("r2", "a", blocks(1), now=1.0)
     m.check_invariants()
     m.free(running, now=2.0)
@@ -328,10 +328,10 @@ def _snapshot(m):
     lambda m: m.unregister_adapter("zzz"),
     lambda m: m.check_fits("zzz", 4),
 ])
-def test_unknown_adapter_names_the_registered_ones(call):
+def test_unknown_adapter_names_only_the_name_asked_for(call):
     m, _ = _busy()
     before = _snapshot(m)
-    with pytest.raises(UnknownAdapter, match="unknown adapter 'zzz'; registered: a, b"):
+    with pytest.raises(UnknownAdapter, match="^unknown adapter 'zzz'$"):
         call(m)
     assert _snapshot(m) == before
     m.check_invariants()
@@ -341,7 +341,7 @@ def test_unknown_adapter_is_a_key_error_with_a_readable_message():
     m, _ = _busy()
     with pytest.raises(KeyError) as err:
         m.adapter("zzz")
-    assert str(err.value) == "unknown adapter 'zzz'; registered: a, b"
+    assert str(err.value) == "unknown adapter 'zzz'"  # not the registered names
 
 
 def test_a_request_that_cannot_fit_in_an_empty_pool_says_the_numbers():

@@ -89,6 +89,25 @@ def test_cached_prefix_gives_full_prefill_logits(llama):
     close(suffix, ref.logits(t, "b")[10:])
 
 
+def test_nan_outside_every_context_never_reaches_a_result(llama):
+    """Every slot no sequence wrote holds NaN, block 0 too (a freed block may hold
+    anything). Cached-prefix sequences of different lengths in one step read whole
+    blocks up to the longest context: a short table's padding and the unwritten tail of
+    its last block are masked, but 0 x NaN is NaN, so they must not reach the product."""
+    base, adapters, ref = llama
+    r = runner(base, adapters)
+    r.kv.data.fill_(float("nan"))
+    blocks = Blocks()
+    blocks.free.remove(0)
+    long, short = tokens(13, 9), tokens(6, 10)
+    tables = [blocks.table(13), blocks.table(6)]
+    r.forward([SeqInput(long[:9], 0, tables[0], "a"), SeqInput(short[:3], 0, tables[1])])
+    out = r.forward_all([SeqInput(long[9:], 9, tables[0], "a"),
+                         SeqInput(short[3:], 3, tables[1])])
+    close(out[0], ref.logits(long, "a")[9:])
+    close(out[1], ref.logits(short, None)[3:])
+
+
 def test_shared_prefix_blocks_serve_several_sequences(llama):
     """One cached prefix (2 full blocks, adapter a) is read by two sequences in one batch,
     each appending its own suffix in its own blocks, next to a base-model sequence."""

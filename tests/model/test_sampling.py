@@ -23,7 +23,8 @@ torch.set_num_threads(1)
     ({"temperature": -0.1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_k": 0}, "top_k"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"max_tokens": 0}, "max_tokens"), ({"seed": 1.5}, "seed"), ({"stop": [""]}, "stop"),
-    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"presence_penalty": 3}, "presence_penalty"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"seed": -1}, "seed"),
+    ({"seed": 2**64}, "seed"), ({"presence_penalty": 3}, "presence_penalty"),
     ({"frequency_penalty": -2.5}, "frequency_penalty"), ({"repetition_penalty": 0},
                                                          "repetition_penalty"),
     ({"min_tokens": 17}, "min_tokens"), ({"logprobs": 21}, "logprobs"),
@@ -33,6 +34,13 @@ torch.set_num_threads(1)
 def test_bad_params_name_the_field(kw, field):
     with pytest.raises(SamplingParamsError, match=rf"SamplingParams\.{field} must be"):
         SamplingParams(**kw)
+
+
+def test_the_seed_range_is_what_a_generator_takes():
+    s = Sampler()
+    edges = [SamplingParams(seed=0, temperature=1.0), SamplingParams(seed=2**64 - 1,
+                                                                     temperature=1.0)]
+    assert all(isinstance(t, int) for t in s.sample(LOGITS, edges, ["lo", "hi"]))
 
 
 def test_stop_string_and_lists_become_tuples():

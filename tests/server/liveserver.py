@@ -1,16 +1,26 @@
 """A real FastLibra server on loopback for the tests, on the tiny served model of
 tests/model/llmsetup.py (random Llama, word tokenizer with a chat template, PEFT adapters
-"a" and "b"), built once per session."""
+"a" and "b"), built once per session, and an adapter root for dynamic loading:
+
+    dyn      a copy of adapter a          broken   a safetensors file that is not one
+    foreign  an adapter of another model  escape   a symlink to adapter b, outside
+    huge     rank 64 on every projection: 512 KiB, more than a test server's device pool
+    nan      a copy of adapter b with one NaN in layers.1.mlp.down_proj.lora_B
+"""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 from llmsetup import byte_setup, served_setup, word
+from safetensors.torch import load_file, save_file
+from tinymodels import make_adapter, make_model
 
 from fastlibra.llm import AsyncLLM
 from fastlibra.server import ServerConfig, build_app
@@ -77,6 +87,31 @@ def live_server(tmp_path_factory, **overrides):
         yield server
     finally:
         server.stop()
+
+
+_ROOTS: dict[str, Path] = {}
+
+
+def adapter_root(tmp_path_factory) -> Path:
+    """The adapter root drawn in the module docstring, built once per session."""
+    if "root" not in _ROOTS:
+        base, adapters, _ = served_setup(tmp_path_factory)
+        root = tmp_path_factory.mktemp("adapter-root")
+        shutil.copytree(adapters["a"], root / "dyn")
+        other = make_model(tmp_path_factory.mktemp("other") / "base", "llama", seed=3,
+                           hidden_size=32, intermediate_size=64)
+        make_adapter(other, root / "foreign", r=4, alpha=8, seed=4)
+        shutil.copytree(adapters["a"], root / "broken")
+        (root / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+        (root / "escape").symlink_to(adapters["b"], target_is_directory=True)
+        make_adapter(base, root / "huge", r=64, alpha=64, seed=5, targets="all-linear")
+        shutil.copytree(adapters["b"], root / "nan")
+        weights = load_file(root / "nan" / "adapter_model.safetensors")
+        key = next(k for k in weights if "layers.1.mlp.down_proj.lora_B" in k)
+        weights[key][0, 0] = float("nan")
+        save_file(weights, root / "nan" / "adapter_model.safetensors")
+        _ROOTS["root"] = root
+    return _ROOTS["root"]
 
 
 @contextmanager

@@ -3,23 +3,19 @@ outputs equal transformers + peft, streaming equals non-streaming, adapters by `
 dynamic load/unload under an adapter root, metrics, API key, and every error case.
 
 Server: tiny Llama "tiny-llama" with adapters a and b (tests/model/llmsetup.py), API key
-KEY, adapter root ROOT holding a copy of adapter a ("dyn"), an adapter of another base
-model ("foreign"), a directory with a broken safetensors file ("broken") and a symlink
-to a directory outside the root ("escape").
+KEY, the adapter root of liveserver.py (dyn, foreign, broken, escape, ...).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import httpx
 import openai
 import pytest
 import torch
-from liveserver import MODEL_NAME, live_server, words
+from liveserver import MODEL_NAME, adapter_root, live_server, words
 from llmsetup import served_setup
-from tinymodels import make_adapter, make_model
 
 from fastlibra.server.app import resolve_adapter_path
 from fastlibra.server.protocol import ApiError
@@ -32,16 +28,7 @@ NO_EOS = {"ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    base, adapters, _ = served_setup(tmp_path_factory)
-    root = tmp_path_factory.mktemp("adapter-root")
-    shutil.copytree(adapters["a"], root / "dyn")
-    other = make_model(tmp_path_factory.mktemp("other") / "base", "llama", seed=3,
-                       hidden_size=32, intermediate_size=64)
-    make_adapter(other, root / "foreign", r=4, alpha=8, seed=4)
-    shutil.copytree(adapters["a"], root / "broken")
-    (root / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
-    (root / "escape").symlink_to(adapters["b"], target_is_directory=True)
-    return root
+    return adapter_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -60,13 +60,17 @@ def test_serve_command_answers_the_openai_client_and_stops_on_ctrl_c(tmp_path_fa
             "serve", str(base), "--lora-modules", f"a={adapters['a']}",
             "--served-model-name", "tiny", "--device-memory", "256KiB", "--host-memory",
             "256KiB", "--block-size", "4", "--device", "cpu", "--policy", "vllm",
-            "--api-key", "k") as (port, proc):
+            "--api-key", "k", "--max-request-bytes", "4KiB") as (port, proc):
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k",
                                max_retries=0)
         assert {m.id for m in client.models.list().data} == {"tiny", "a"}
         out = client.completions.create(model="a", prompt="w005 w006", max_tokens=3,
                                         temperature=0, extra_body={"ignore_eos": True})
         assert len(out.choices[0].text.split()) == 3
+        big = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
+                         headers={"Authorization": "Bearer k"},
+                         json={"model": "a", "prompt": "w005 " * 1000})
+        assert big.status_code == 413 and "4096 bytes" in big.json()["error"]["message"]
     assert f"serving 'tiny' on http://127.0.0.1:{port}/v1" in proc.output
 
 
