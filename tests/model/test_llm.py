@@ -38,7 +38,9 @@ def served(tmp_path_factory):
 
 def poison_kv(llm: LLM) -> None:
     """Overwrite every device block that is not an adapter's (adapters live in the same
-    arena: their blocks must survive)."""
+    arena: their blocks must survive), once the copies in flight are done: the arena is
+    reused after its swap-outs, as the runner orders it."""
+    llm.mover.drain()
     pool = llm.cache.device_kv_pool
     kv = [b for b in range(pool.capacity) if pool.owner(b) is not BlockKind.ADAPTER]
     llm.runner.kv.data[kv] = torch.randn_like(llm.runner.kv.data[kv]) * 10
