@@ -50,7 +50,7 @@ def packed_adapters(ranks: list[int], dtype: torch.dtype, g: torch.Generator):
     return arena.to(DEVICE), out
 
 
-def run_both(ranks: list[int], segments: list[tuple[int, int]], rows: int,
+def run_both(ranks: list[int], segments: list[tuple[int, int, int]], rows: int,
              dtype: torch.dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
     arena, adapters = packed_adapters(ranks, dtype, g)
@@ -72,24 +72,28 @@ def run_both(ranks: list[int], segments: list[tuple[int, int]], rows: int,
     want = y0.clone()
     lora_reference(x, flat, a_off, b_off, ranks_t, scaling, segments, want)
     by_parts = y0.clone().float()  # the same from the views, not the offsets
-    for (parts, sc), (s, e) in zip(adapters, segments, strict=True):
+    for s, e, p in segments:
+        parts, sc = adapters[p]
         for a, bt in parts or []:
             by_parts[s:e] += sc * x[s:e].float() @ a.float().T @ bt.float()
     torch.testing.assert_close(want.float(), by_parts, atol=1e-3, rtol=1e-2)
-    seg, row = work_items(segments)
+    seg, row = work_items([(s, e) for s, e, _ in segments])
     seg_t, row_t = torch.tensor(seg, **i32), torch.tensor(row, **i32)
-    seg_end = torch.tensor([e for _, e in segments], **i32)
+    seg_slot = torch.tensor([p for _, _, p in segments], **i32)
+    seg_end = torch.tensor([e for _, e, _ in segments], **i32)
     xa = torch.full((rows, r_max), float("nan"), **dev)
     got = y0.clone()
-    lora_shrink(x, flat, a_off, ranks_t, scaling, seg_end, seg_t, row_t, xa)
-    lora_expand(xa, flat, b_off, ranks_t, seg_end, seg_t, row_t, got)
+    lora_shrink(x, flat, a_off, ranks_t, scaling, seg_slot, seg_end, seg_t, row_t, xa)
+    lora_expand(xa, flat, b_off, ranks_t, seg_slot, seg_end, seg_t, row_t, got)
     return got, want, y0, segments
 
 
 def test_eight_adapters_of_mixed_ranks_and_base_rows():
-    ranks = [8, 16, 4, 0, 32, 8, 12, 20]  # the 0: an adapter of v_proj only
-    # rows 0-2 base model; then one segment per adapter, some longer than a tile
-    segments = [(3, 4), (4, 23), (23, 24), (24, 30), (30, 31), (31, 33), (36, 37), (37, 60)]
+    ranks = [8, 16, 4, 0, 32, 8, 12, 20]  # per slot; the 0: an adapter of v_proj only
+    # (rows, slot): rows 0-2 base model; one segment per adapter in another order than
+    # the slots, some longer than a tile; rows 33-35 and 60-61 base model too
+    segments = [(3, 4, 5), (4, 23, 1), (23, 24, 7), (24, 30, 3), (30, 31, 4), (31, 33, 0),
+                (36, 37, 2), (37, 60, 6)]
     got, want, y0, _ = run_both(ranks, segments, 62, torch.float32, seed=0)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # base rows, the gap (33-35), the tail and the rank-0 segment are untouched
@@ -99,7 +103,7 @@ def test_eight_adapters_of_mixed_ranks_and_base_rows():
 
 
 def test_bfloat16():
-    got, want, _, _ = run_both([16, 4, 8], [(0, 1), (1, 18), (20, 21)], 21,
+    got, want, _, _ = run_both([16, 4, 8], [(0, 1, 2), (1, 18, 0), (20, 21, 1)], 21,
                                torch.bfloat16, seed=1)
     torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=2e-2)
 
@@ -111,4 +115,4 @@ def test_offsets_must_come_from_the_arena():
     i32 = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="ranks must be torch.int32"):
         lora_shrink(x, torch.zeros(9), torch.zeros(1, 2, dtype=torch.int64), i32.long(),
-                    torch.ones(1), i32, i32, i32, torch.zeros(2, 2))
+                    torch.ones(1), i32, i32, i32, i32, torch.zeros(2, 2))

@@ -3,7 +3,26 @@ and a plain-torch reference). On CPU they run under `TRITON_INTERPRET=1` for tes
 
 import os
 
+import torch
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 """Triton's interpreter multiplies bfloat16 tiles wrongly (tl.dot reads their bits as
 another type; triton 3.7.1), so interpreted kernels widen dot operands to float32 first.
 Compiled kernels keep bfloat16 operands (tensor cores, float32 sums)."""
+
+
+def kernels_wanted(device: torch.device) -> bool:
+    """`FASTLIBRA_KERNELS=triton` forces the Triton path (on CPU it needs
+    `TRITON_INTERPRET=1`), `=torch` the torch path; unset: Triton on CUDA when installed."""
+    choice = os.environ.get("FASTLIBRA_KERNELS", "")
+    if choice not in ("", "triton", "torch"):
+        raise ValueError(f"FASTLIBRA_KERNELS={choice!r}: use 'triton' or 'torch'")
+    if choice:
+        return choice == "triton"
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -5,15 +5,18 @@ The adapters stay where the cache put them: their rank rows are read at element 
 into one flat tensor (the unified arena, `ArenaLayout` packs them rank row by rank row):
 
     weights  [N] flat                 the arena as one vector
-    a_off    [S, R] int64             A row j of segment s: weights[a_off[s, j] + 0 .. fan_in)
-    b_off    [S, R] int64             B^T row j:            weights[b_off[s, j] + 0 .. fan_out)
-    ranks    [S] int32                rows of s's update for this module (0: not adapted)
-    scaling  [S] float32
-    seg_end  [S] int32                step rows of s end here (exclusive)
+    a_off    [P, R] int64             A row j of adapter slot p: weights[a_off[p, j] + 0 .. fan_in)
+    b_off    [P, R] int64             B^T row j:                 weights[b_off[p, j] + 0 .. fan_out)
+    ranks    [P] int32                rows of p's update for this module (0: not adapted)
+    scaling  [P] float32              (slot tables: written when an adapter lands, not per step)
+    seg_slot [S] int32                segment s of the step uses slot seg_slot[s]
+    seg_end  [S] int32                its rows end here (exclusive)
     work     (segment, first row) of each tile of BLOCK_T rows, from the host
 
-    shrink:  xa[rows, :rank] = scaling * x[rows] @ A^T      xa [T, R] float32
+    shrink:  xa[rows, :rank] = scaling * x[rows] @ A^T      xa [T, >= R] float32
     expand:  y[rows] += xa[rows, :rank] @ B^T               in place, y's dtype
+
+R is the widest rank of the step: pass `a_off[:, :R]` (strides are arguments).
 
 Rows of the base model are in no segment and cost nothing; adapters of different ranks
 share a launch (a program past its segment's rank returns at once).
@@ -32,7 +35,8 @@ BLOCK_T = 16
 
 
 @triton.jit
-def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_end_ptr,
+def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_slot_ptr,
+                   seg_end_ptr,
                    work_seg_ptr, work_row_ptr, fan_in,
                    s_xt, s_xk, s_at, s_ar, s_os, s_or,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -40,7 +44,8 @@ def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_
     pid = tl.program_id(0)
     r_tile = tl.program_id(1)
     seg = tl.load(work_seg_ptr + pid)
-    rank = tl.load(ranks_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg)
+    rank = tl.load(ranks_ptr + slot)
     if r_tile * BLOCK_R >= rank:
         return
     row0 = tl.load(work_row_ptr + pid)
@@ -49,7 +54,7 @@ def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_
     rows = rows.to(tl.int64)
     r = r_tile * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rank
-    a_off = tl.load(a_off_ptr + seg * s_os + r * s_or, mask=r_ok, other=0)
+    a_off = tl.load(a_off_ptr + slot * s_os + r * s_or, mask=r_ok, other=0)
     acc = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
     for k0 in range(0, fan_in, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -66,13 +71,13 @@ def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_
             acc += tl.dot(x, a, input_precision="ieee")
         else:
             acc += tl.dot(x, a)
-    acc *= tl.load(scaling_ptr + seg)
+    acc *= tl.load(scaling_ptr + slot)
     tl.store(xa_ptr + rows[:, None] * s_at + r[None, :] * s_ar, acc,
              mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_end_ptr,
+def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_slot_ptr, seg_end_ptr,
                    work_seg_ptr, work_row_ptr, fan_out,
                    s_at, s_ar, s_yt, s_yn, s_os, s_or,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -80,7 +85,8 @@ def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_end_ptr,
     pid = tl.program_id(0)
     n_tile = tl.program_id(1)
     seg = tl.load(work_seg_ptr + pid)
-    rank = tl.load(ranks_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg)
+    rank = tl.load(ranks_ptr + slot)
     if rank == 0:
         return
     row0 = tl.load(work_row_ptr + pid)
@@ -95,7 +101,7 @@ def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_end_ptr,
         r_ok = r < rank
         xa = tl.load(xa_ptr + rows[:, None] * s_at + r[None, :] * s_ar,
                      mask=row_ok[:, None] & r_ok[None, :], other=0.0)
-        b_off = tl.load(b_off_ptr + seg * s_os + r * s_or, mask=r_ok, other=0)
+        b_off = tl.load(b_off_ptr + slot * s_os + r * s_or, mask=r_ok, other=0)
         b = tl.load(w_ptr + b_off[:, None] + n[None, :],
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
         xa = xa.to(b.dtype)
@@ -132,30 +138,34 @@ def work_items(segments: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
 
 
 def _check(weights: torch.Tensor, offs: torch.Tensor, ranks: torch.Tensor,
-           seg_end: torch.Tensor, work_seg: torch.Tensor, work_row: torch.Tensor,
-           device: torch.device) -> None:
+           seg_slot: torch.Tensor, seg_end: torch.Tensor, work_seg: torch.Tensor,
+           work_row: torch.Tensor, device: torch.device) -> None:
     if weights.dim() != 1 or weights.stride(0) != 1 or weights.storage_offset() != 0:
         raise ValueError("weights must be one contiguous flat tensor (the arena's view(-1))")
-    s = ranks.shape[0]
-    for name, x, dtype, shape in (("offsets", offs, torch.int64, (s, offs.shape[1])),
-                                  ("ranks", ranks, torch.int32, (s,)),
+    p, s = ranks.shape[0], seg_slot.shape[0]
+    for name, x, dtype, shape in (("offsets", offs, torch.int64, (p, offs.shape[1])),
+                                  ("ranks", ranks, torch.int32, (p,)),
+                                  ("seg_slot", seg_slot, torch.int32, (s,)),
                                   ("seg_end", seg_end, torch.int32, (s,)),
                                   ("work_seg", work_seg, torch.int32, (work_seg.shape[0],)),
                                   ("work_row", work_row, torch.int32, work_seg.shape)):
         if x.dtype != dtype or tuple(x.shape) != tuple(shape) or x.device != device:
             raise ValueError(f"{name} must be {dtype} of shape {tuple(shape)} on {device}, "
                              f"got {x.dtype} {tuple(x.shape)} on {x.device}")
-    for name, x in (("ranks", ranks), ("seg_end", seg_end), ("work_seg", work_seg),
-                    ("work_row", work_row)):
+    for name, x in (("ranks", ranks), ("seg_slot", seg_slot), ("seg_end", seg_end),
+                    ("work_seg", work_seg), ("work_row", work_row)):
         if x.stride(0) != 1:
             raise ValueError(f"{name} must be contiguous")
+    if offs.stride(1) != 1:
+        raise ValueError("offset rows must be contiguous")
 
 
 def lora_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
-                ranks: torch.Tensor, scaling: torch.Tensor, seg_end: torch.Tensor,
-                work_seg: torch.Tensor, work_row: torch.Tensor, xa: torch.Tensor) -> None:
-    """xa[rows of s, :ranks[s]] = scaling[s] * x[rows] @ A_s^T (see the module docstring)."""
-    _check(weights, a_off, ranks, seg_end, work_seg, work_row, x.device)
+                ranks: torch.Tensor, scaling: torch.Tensor, seg_slot: torch.Tensor,
+                seg_end: torch.Tensor, work_seg: torch.Tensor, work_row: torch.Tensor,
+                xa: torch.Tensor) -> None:
+    """xa[rows of s, :rank] = scaling * x[rows] @ A^T of s's slot (see the module docstring)."""
+    _check(weights, a_off, ranks, seg_slot, seg_end, work_seg, work_row, x.device)
     if x.dtype != weights.dtype or xa.dtype != torch.float32:
         raise ValueError(f"x ({x.dtype}) must have the weights' dtype ({weights.dtype}), "
                          f"xa ({xa.dtype}) must be float32")
@@ -168,7 +178,8 @@ def lora_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
         return
     block_r = rank_block(a_off.shape[1])
     grid = (work_seg.numel(), triton.cdiv(a_off.shape[1], block_r))
-    _shrink_kernel[grid](x, weights, xa, a_off, ranks, scaling, seg_end, work_seg, work_row,
+    _shrink_kernel[grid](x, weights, xa, a_off, ranks, scaling, seg_slot, seg_end, work_seg,
+                         work_row,
                          x.shape[1], *x.stride(), *xa.stride(), *a_off.stride(),
                          BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64,
                          IEEE=x.dtype == torch.float32,
@@ -176,17 +187,17 @@ def lora_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
 
 
 def lora_expand(xa: torch.Tensor, weights: torch.Tensor, b_off: torch.Tensor,
-                ranks: torch.Tensor, seg_end: torch.Tensor, work_seg: torch.Tensor,
-                work_row: torch.Tensor, y: torch.Tensor) -> None:
-    """y[rows of s] += xa[rows, :ranks[s]] @ B_s^T, in place."""
-    _check(weights, b_off, ranks, seg_end, work_seg, work_row, y.device)
+                ranks: torch.Tensor, seg_slot: torch.Tensor, seg_end: torch.Tensor,
+                work_seg: torch.Tensor, work_row: torch.Tensor, y: torch.Tensor) -> None:
+    """y[rows of s] += xa[rows, :rank] @ B^T of s's slot, in place."""
+    _check(weights, b_off, ranks, seg_slot, seg_end, work_seg, work_row, y.device)
     if y.dtype != weights.dtype or xa.dtype != torch.float32 or xa.shape[0] != y.shape[0]:
         raise ValueError(f"y ({y.dtype}) must have the weights' dtype ({weights.dtype}) and "
                          f"xa (float32) its {y.shape[0]} rows")
     if work_seg.numel() == 0 or b_off.shape[1] == 0:
         return
     grid = (work_seg.numel(), triton.cdiv(y.shape[1], 64))
-    _expand_kernel[grid](xa, weights, y, b_off, ranks, seg_end, work_seg, work_row,
+    _expand_kernel[grid](xa, weights, y, b_off, ranks, seg_slot, seg_end, work_seg, work_row,
                          y.shape[1], *xa.stride(), *y.stride(), *b_off.stride(),
                          BLOCK_T=BLOCK_T, BLOCK_R=rank_block(b_off.shape[1]), BLOCK_N=64,
                          IEEE=y.dtype == torch.float32,
@@ -195,10 +206,11 @@ def lora_expand(xa: torch.Tensor, weights: torch.Tensor, b_off: torch.Tensor,
 
 def lora_reference(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
                    b_off: torch.Tensor, ranks: torch.Tensor, scaling: torch.Tensor,
-                   segments: list[tuple[int, int]], y: torch.Tensor) -> None:
-    """Shrink then expand in plain torch (float32), one segment at a time, into y."""
+                   segments: list[tuple[int, int, int]], y: torch.Tensor) -> None:
+    """Shrink then expand in plain torch (float32), one (start, end, slot) segment at a
+    time, into y."""
     fan_in, fan_out = x.shape[1], y.shape[1]
-    for s, (start, end) in enumerate(segments):
+    for start, end, s in segments:
         r = int(ranks[s])
         if r == 0:
             continue
