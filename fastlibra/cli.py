@@ -84,6 +84,12 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device-memory", type=_bytes, default=None,
                         help="device pool for KV and adapters, e.g. 4GiB")
     parser.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="without --device-memory on CUDA: the share of the GPU's memory "
+                        "this engine may fill (weights, profiled activations, then the pool)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="context length, prompt + generated (default: 8192, capped by "
+                        "the model's max_position_embeddings)")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--policy", type=_policy, default="fastlibra")
 
@@ -426,7 +432,9 @@ def _dispatch(args) -> int:
             api_key=args.api_key, adapter_roots=tuple(Path(r) for r in args.adapter_root),
             served_model_name=args.served_model_name, dtype=args.dtype, device=args.device,
             block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-            max_lora_rank=args.max_lora_rank, max_request_bytes=args.max_request_bytes))
+            max_lora_rank=args.max_lora_rank, max_request_bytes=args.max_request_bytes,
+            max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization))
         return 0
     if args.command == "bench":
         module, function = _BENCHMARKS[args.bench]
@@ -445,7 +453,8 @@ def _generate(args) -> int:
                               seed=args.seed, max_tokens=args.max_tokens, stop=tuple(args.stop))
     llm = LLM(args.model, adapters, device_memory=args.device_memory,
               host_memory=args.host_memory, policy=args.policy, dtype=args.dtype,
-              device=args.device, block_size=args.block_size)
+              device=args.device, block_size=args.block_size, max_model_len=args.max_model_len,
+              gpu_memory_utilization=args.gpu_memory_utilization)
     (out,) = llm.generate(args.prompt, adapter=args.use_adapter, sampling=sampling)
     if args.json:
         print(json.dumps({"text": out.text, "token_ids": out.token_ids,
