@@ -306,6 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
     model.add_argument("--seed", type=int, default=0)
 
+    kern = bsub.add_parser("kernels", help="decode step time through the Triton kernels "
+                           "against the torch path on a random model built on the device")
+    for flag, default in (("--hidden", 4096), ("--layers", 32), ("--heads", 32),
+                          ("--kv-heads", 8), ("--intermediate", 14336), ("--vocab", 128256)):
+        kern.add_argument(flag, type=int, default=default,
+                          help=f"model shape (default {default}: Llama-3-8B)")
+    kern.add_argument("--adapters", type=int, default=50, help="distinct adapters (default 50)")
+    kern.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear layer")
+    kern.add_argument("--context", type=int, default=512, help="cached tokens per sequence")
+    kern.add_argument("--chunk", type=int, default=256,
+                      help="prefill chunk of the correctness step (default 256)")
+    kern.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")],
+                      default=[1, 16, 64], help="decode batch sizes (default 1,16,64)")
+    kern.add_argument("--block-size", type=int, default=16)
+    kern.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    kern.add_argument("--device", default=None, help="default: cuda if present")
+    kern.add_argument("--warmup", type=int, default=3)
+    kern.add_argument("--reps", type=int, default=10, help="timed steps per measurement")
+    kern.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
     replay = bsub.add_parser("replay", help="a multi-turn multi-adapter chatbot replayed in "
                              "real time on the real engine (random Llama + PEFT adapters), "
                              "once per policy, same device budget")
@@ -399,6 +419,7 @@ _BENCHMARKS = {
     "paper": ("fastlibra.bench.paper", "run_paper"),
     "model": ("fastlibra.bench.model", "run_model_bench"),
     "replay": ("fastlibra.bench.replay", "run_replay"),
+    "kernels": ("fastlibra.bench.kernels", "run_kernel_bench"),
     "fidelity": ("fastlibra.bench.fidelity", "run_fidelity"),
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
 }

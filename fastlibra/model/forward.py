@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from fastlibra.model.kernels import kernels_wanted
+from fastlibra.model.kernels import kernels_wanted, upload
 from fastlibra.model.loader import ModelConfig, ModelWeights
 from fastlibra.model.lora import LoraAdapter
 
@@ -242,9 +242,10 @@ class ModelRunner:
     """Owns the weights, the KV arena and the device-resident adapters; computes steps.
     It makes no decisions: block tables and adapter residency come from the cache.
     On CPU it relays `weights.lm_head` out column-major (same values) and keeps
-    oneDNN-prepacked copies of the projections (see `PACK_CPU_LINEARS`)."""
+    oneDNN-prepacked copies of the projections (see `PACK_CPU_LINEARS`). `kernels`: the
+    Triton kernel path or the torch one (None: `kernels_wanted`)."""
 
-    def __init__(self, weights: ModelWeights, kv: KVCache) -> None:
+    def __init__(self, weights: ModelWeights, kv: KVCache, kernels: bool | None = None) -> None:
         self.w = weights
         self.cfg = weights.config
         self.kv = kv
@@ -264,7 +265,7 @@ class ModelRunner:
         self._lora_dtype = torch.float32 if CPU_LORA_FP32 and cpu else weights.dtype
         self.slots: LoraSlots | None = None
         """Set on the kernel path: the arena adapters' offset tables."""
-        if kernels_wanted(weights.device):
+        if kernels if kernels is not None else kernels_wanted(weights.device):
             from fastlibra.model.kernels.step import LoraSlots
             self.slots = LoraSlots(self.cfg, kv.data)
 
@@ -292,7 +293,7 @@ class ModelRunner:
         step = self._prepare(seqs)
         logits = self._logits(self._hidden(step)[step.last_rows])
         out = torch.empty_like(logits)
-        out[step.order] = logits
+        out[upload(step.order, torch.long, logits.device)] = logits
         return out
 
     @torch.inference_mode()
@@ -341,23 +342,23 @@ class ModelRunner:
         uniform = min(lengths) == max(lengths)
 
         # Row r belongs to sequence q_seq[r], is its q_idx[r]-th new token, at position pos[r].
-        lengths_t = torch.tensor(lengths, device=dev)
+        lengths_t = upload(lengths, torch.long, dev)
         ends = lengths_t.cumsum(0)
-        q_seq = torch.repeat_interleave(torch.arange(b, device=dev), lengths_t)  # [T]
+        q_seq = torch.repeat_interleave(torch.arange(b, device=dev), lengths_t,
+                                        output_size=sum(lengths))  # [T]
         q_idx = torch.arange(sum(lengths), device=dev) - (ends - lengths_t)[q_seq]  # [T]
-        pos = torch.tensor(prefixes, device=dev)[q_seq] + q_idx  # [T]
+        pos = upload(prefixes, torch.long, dev)[q_seq] + q_idx  # [T]
 
         need = -(-l_max // bs)  # block-table columns covering the longest context
-        tables = torch.tensor([list(s.block_table[:need])
-                               + [s.block_table[0]] * (need - len(s.block_table))
-                               for s in sorted_seqs], dtype=torch.long, device=dev)
+        tables = upload([list(s.block_table[:need])
+                         + [s.block_table[0]] * (need - len(s.block_table))
+                         for s in sorted_seqs], torch.long, dev)
         write_block, write_off = tables[q_seq, pos // bs], pos % bs  # [T], [T]
         _check_disjoint_writes(sorted_seqs, bs)
 
         freqs = pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        ids = torch.tensor([t for s in sorted_seqs for t in s.tokens], dtype=torch.long,
-                           device=dev)
+        ids = upload([t for s in sorted_seqs for t in s.tokens], torch.long, dev)
         segments = self._segments(sorted_seqs, lengths)
         kernel = None
         if self.slots is not None:
@@ -370,7 +371,7 @@ class ModelRunner:
         if kernel is None and any(prefixes) and min(ctx_lens) < l_max:
             rows = [i * need * bs + p for i, n in enumerate(ctx_lens)
                     for p in range(n, min(-(-n // bs) * bs, l_max))]
-            stale = torch.tensor(rows, dtype=torch.long, device=dev) if rows else None
+            stale = upload(rows, torch.long, dev) if rows else None
         step = _Step(order=order, segments=segments,
                      lengths=lengths, ids=ids, cos=emb.cos().to(self.w.dtype),
                      sin=emb.sin().to(self.w.dtype), write_block=write_block,

@@ -26,3 +26,10 @@ def kernels_wanted(device: torch.device) -> bool:
     except ImportError:
         return False
     return True
+
+
+def upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values -> a tensor on `device`; on CUDA through pinned memory without a
+    blocking copy (a pageable upload would wait for the GPU to catch up)."""
+    t = torch.tensor(values, dtype=dtype)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastlibra.model.kernels import upload
 from fastlibra.model.kernels.attention import paged_attention, tile_tokens
 from fastlibra.model.kernels.attention import work_items as attention_work
 from fastlibra.model.kernels.lora import lora_expand, lora_shrink, part_offsets
@@ -28,14 +29,6 @@ from fastlibra.model.loader import ModelConfig
 from fastlibra.model.lora import LoraAdapter
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """Host ints -> an int32 device tensor without a blocking copy (pinned staging)."""
-    t = torch.tensor(values, dtype=torch.int32)
-    if device.type != "cuda":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 class LoraSlots:
@@ -126,7 +119,7 @@ class KernelStep:
         parts = [cu_q, list(ctx_lens), a_seq, a_q0, flat_tables,
                  [slots.slot[name] for _, _, name in segments], [e for _, e in seg_bounds],
                  l_seg, l_row]
-        buf = _upload([v for p in parts for v in p], dev)
+        buf = upload([v for p in parts for v in p], torch.int32, dev)
         views, at = [], 0
         for p in parts:
             views.append(buf[at:at + len(p)])
