@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tinymodels import DEVICE, Blocks, llama_setup, runner, tokens
+from tinymodels import BS, DEVICE, Blocks, llama_setup, runner, tokens
 
 pytest.importorskip("triton")
-from fastlibra.model import SeqInput, load_adapter  # noqa: E402
+from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model  # noqa: E402
 from fastlibra.model.lora import ArenaLayout, LoraAdapter  # noqa: E402
 
 
@@ -20,20 +20,53 @@ def llama(tmp_path_factory):
     return llama_setup(tmp_path_factory)
 
 
+def into_arena(runners: list[ModelRunner], adapters, blocks: Blocks) -> None:
+    """Pack each adapter into arena blocks (`ArenaLayout`, as the engine does) and install
+    the views in every runner (they share the arena)."""
+    r0 = runners[0]
+    for name, path in adapters.items():
+        ad = load_adapter(path, r0.cfg, max_rank=64, name=name, dtype=r0.w.dtype,
+                          device=DEVICE)
+        layout = ArenaLayout(ad, r0.kv.block_elems)
+        flat = [r0.kv.data[b].view(-1) for b in blocks.take(layout.num_blocks)]
+        layout.write(ad, flat)
+        for r in runners:
+            r.add_adapter(LoraAdapter(name, ad.rank, ad.scaling, ad.target_modules, {},
+                                      ad.path, layout.views(flat)))
+
+
 def kernel_runner(base, adapters, blocks: Blocks, monkeypatch, dtype=torch.float32):
-    """A runner on the kernel path whose adapters live in arena blocks (`ArenaLayout`),
-    and the runner's `slots` (the LoRA kernels' tables)."""
+    """A runner on the kernel path whose adapters live in arena blocks."""
     monkeypatch.setenv("FASTLIBRA_KERNELS", "triton")
     r = runner(base, num_blocks=160, dtype=dtype)
-    for name, path in adapters.items():
-        ad = load_adapter(path, r.cfg, max_rank=64, name=name, dtype=dtype, device=DEVICE)
-        layout = ArenaLayout(ad, r.kv.block_elems)
-        flat = [r.kv.data[b].view(-1) for b in blocks.take(layout.num_blocks)]
-        layout.write(ad, flat)
-        r.add_adapter(LoraAdapter(name, ad.rank, ad.scaling, ad.target_modules, {}, ad.path,
-                                  layout.views(flat)))
+    into_arena([r], adapters, blocks)
     assert r.slots is not None and set(r.slots.slot) == set(adapters)
     return r
+
+
+def test_one_mixed_step_through_the_kernels(llama):
+    """Two runners on one arena and one set of weights: the torch one computes the
+    prefixes, then both compute the same step (a 5-token chunk after a 6-token prefix,
+    with adapter a, beside decodes with b, c and none); the logits agree."""
+    base, adapters, _ = llama
+    weights = load_model(base, device=DEVICE)
+    kv = KVCache(weights.config, 160, BS, torch.float32, DEVICE)
+    plain, kern = ModelRunner(weights, kv, kernels=False), ModelRunner(weights, kv, kernels=True)
+    blocks = Blocks(160)
+    into_arena([plain, kern], adapters, blocks)
+    kern._lora.clear()  # its torch loop has nothing to multiply: the kernels must
+    prompts = [(tokens(6, 1), "a"), (tokens(9, 2), "b"), (tokens(3, 3), None),
+               (tokens(7, 4), "c")]
+    tables = [blocks.table(len(t) + 6) for t, _ in prompts]
+    plain.forward([SeqInput(t, 0, tab, ad) for (t, ad), tab in
+                   zip(prompts, tables, strict=True)])
+    step = [SeqInput(tokens(5, 5), 6, tables[0], "a")] + [
+        SeqInput([7], len(t), tab, ad) for (t, ad), tab in zip(prompts[1:], tables[1:],
+                                                               strict=True)]
+    want = plain.forward_all(step)
+    got = kern.forward_all(step)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=0)
 
 
 def mixed_steps(r, blocks: Blocks) -> list[torch.Tensor]:
@@ -52,7 +85,6 @@ def mixed_steps(r, blocks: Blocks) -> list[torch.Tensor]:
     return [first] + r.forward_all(step)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
 def test_kernel_path_matches_torch_path(llama, monkeypatch, dtype, atol):
     base, adapters, ref = llama

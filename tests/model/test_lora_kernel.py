@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tinymodels import DEVICE
 
 pytest.importorskip("triton")
@@ -116,3 +118,20 @@ def test_offsets_must_come_from_the_arena():
     with pytest.raises(ValueError, match="ranks must be torch.int32"):
         lora_shrink(x, torch.zeros(9), torch.zeros(1, 2, dtype=torch.int64), i32.long(),
                     torch.ones(1), i32, i32, i32, i32, torch.zeros(2, 2))
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 20),
+                          st.sampled_from([0, 4, 8, 12, 24])), min_size=1, max_size=6),
+       st.integers(0, 2**16))
+def test_drawn_batches_match_reference(layout, seed):
+    """(base rows before it, rows, rank) per segment; slots in reverse order."""
+    ranks = [r for _, _, r in layout][::-1]
+    if not any(ranks):
+        ranks[0] = 4
+    segments, row = [], 0
+    for i, (gap, n, _) in enumerate(layout):
+        segments.append((row + gap, row + gap + n, len(layout) - 1 - i))
+        row += gap + n
+    got, want, _, _ = run_both(ranks, segments, row + 1, torch.float32, seed)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
