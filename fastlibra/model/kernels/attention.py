@@ -159,18 +159,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: t
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError(f"out {tuple(out.shape)} {out.dtype} must match q")
+    launch_paged_attention(q, k, v, tables, cu_q, ctx, work_seq, work_q0, block_q, window, out)
+    return out
+
+
+def launch_paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           tables: torch.Tensor, cu_q: torch.Tensor, ctx: torch.Tensor,
+                           work_seq: torch.Tensor, work_q0: torch.Tensor, block_q: int,
+                           window: int | None, out: torch.Tensor) -> None:
+    """The launch alone, for arguments `paged_attention` has checked: a step checks its
+    metadata once, then launches for every layer (a check costs about a launch)."""
     if work_seq.numel() == 0:
-        return out
-    rep = nh // nkv
-    grid = (work_seq.numel(), nkv)
-    _paged_attention_kernel[grid](
+        return
+    hd, nkv = q.shape[2], k.shape[2]
+    rep = q.shape[1] // nkv
+    _paged_attention_kernel[(work_seq.numel(), nkv)](
         out, q, k, v, tables, cu_q, ctx, work_seq, work_q0,
-        hd ** -0.5, window or 0, bs,
+        hd ** -0.5, window or 0, k.shape[1],
         *q.stride(), *out.stride(), *k.stride(), *v.stride(), tables.stride(0),
         REP=rep, REP_P=_pow2(rep), BLOCK_Q=block_q, HEAD_DIM=hd, HD_P=max(16, _pow2(hd)),
         BLOCK_N=32 if hd > 128 else 64, IEEE=q.dtype == torch.float32,
         UPCAST=INTERPRETED and q.dtype == torch.bfloat16)
-    return out
 
 
 def paged_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

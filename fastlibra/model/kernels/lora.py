@@ -174,6 +174,14 @@ def lora_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
                          f"{a_off.shape[1]} columns")
     if scaling.dtype != torch.float32 or scaling.shape != ranks.shape:
         raise ValueError("scaling must be float32, one per segment")
+    launch_shrink(x, weights, a_off, ranks, scaling, seg_slot, seg_end, work_seg, work_row, xa)
+
+
+def launch_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
+                  ranks: torch.Tensor, scaling: torch.Tensor, seg_slot: torch.Tensor,
+                  seg_end: torch.Tensor, work_seg: torch.Tensor, work_row: torch.Tensor,
+                  xa: torch.Tensor) -> None:
+    """`lora_shrink` without its checks, for a step that checked its metadata once."""
     if work_seg.numel() == 0 or a_off.shape[1] == 0:
         return
     block_r = rank_block(a_off.shape[1])
@@ -194,6 +202,13 @@ def lora_expand(xa: torch.Tensor, weights: torch.Tensor, b_off: torch.Tensor,
     if y.dtype != weights.dtype or xa.dtype != torch.float32 or xa.shape[0] != y.shape[0]:
         raise ValueError(f"y ({y.dtype}) must have the weights' dtype ({weights.dtype}) and "
                          f"xa (float32) its {y.shape[0]} rows")
+    launch_expand(xa, weights, b_off, ranks, seg_slot, seg_end, work_seg, work_row, y)
+
+
+def launch_expand(xa: torch.Tensor, weights: torch.Tensor, b_off: torch.Tensor,
+                  ranks: torch.Tensor, seg_slot: torch.Tensor, seg_end: torch.Tensor,
+                  work_seg: torch.Tensor, work_row: torch.Tensor, y: torch.Tensor) -> None:
+    """`lora_expand` without its checks, for a step that checked its metadata once."""
     if work_seg.numel() == 0 or b_off.shape[1] == 0:
         return
     grid = (work_seg.numel(), triton.cdiv(y.shape[1], 64))

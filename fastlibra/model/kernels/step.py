@@ -21,9 +21,19 @@ from collections.abc import Sequence
 import torch
 
 from fastlibra.model.kernels import upload
-from fastlibra.model.kernels.attention import paged_attention, tile_tokens
+from fastlibra.model.kernels.attention import (
+    launch_paged_attention,
+    paged_attention,
+    tile_tokens,
+)
 from fastlibra.model.kernels.attention import work_items as attention_work
-from fastlibra.model.kernels.lora import lora_expand, lora_shrink, part_offsets
+from fastlibra.model.kernels.lora import (
+    launch_expand,
+    launch_shrink,
+    lora_expand,
+    lora_shrink,
+    part_offsets,
+)
 from fastlibra.model.kernels.lora import work_items as lora_work
 from fastlibra.model.loader import ModelConfig
 from fastlibra.model.lora import LoraAdapter
@@ -133,12 +143,21 @@ class KernelStep:
         self.rank = max((slots.rank[name] for _, _, name in segments), default=0)
         self.xa = torch.empty(cu_q[-1], self.rank, dtype=torch.float32, device=dev) \
             if segments else None
+        self._checked: set[str] = set()
+        """Launchers whose arguments were checked in this step: the first call of each
+        checks (metadata, dtypes, strides), later layers only launch."""
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   window: int | None) -> torch.Tensor:
         """[T, heads, head_dim] of the step's rows; k, v: the layer's arena views."""
-        return paged_attention(q, k, v, self.tables, self.cu_q, self.ctx, self.work_seq,
-                               self.work_q0, self.block_q, window=window)
+        if "attention" not in self._checked:
+            self._checked.add("attention")
+            return paged_attention(q, k, v, self.tables, self.cu_q, self.ctx, self.work_seq,
+                                   self.work_q0, self.block_q, window=window)
+        out = torch.empty_like(q)
+        launch_paged_attention(q, k, v, self.tables, self.cu_q, self.ctx, self.work_seq,
+                               self.work_q0, self.block_q, window, out)
+        return out
 
     def lora(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += every arena adapter's update on its rows (two launches, or none when no
@@ -150,7 +169,10 @@ class KernelStep:
         a_off = s.offsets[layer, m, 0, :, :self.rank]
         b_off = s.offsets[layer, m, 1, :, :self.rank]
         ranks = s.ranks[layer, m]
-        lora_shrink(x, s.flat, a_off, ranks, s.scaling, self.seg_slot, self.seg_end,
-                    self.lora_seg, self.lora_row, self.xa)
-        lora_expand(self.xa, s.flat, b_off, ranks, self.seg_slot, self.seg_end,
-                    self.lora_seg, self.lora_row, y)
+        shrink, expand = (launch_shrink, launch_expand) if module in self._checked \
+            else (lora_shrink, lora_expand)
+        self._checked.add(module)
+        shrink(x, s.flat, a_off, ranks, s.scaling, self.seg_slot, self.seg_end,
+               self.lora_seg, self.lora_row, self.xa)
+        expand(self.xa, s.flat, b_off, ranks, self.seg_slot, self.seg_end,
+               self.lora_seg, self.lora_row, y)
