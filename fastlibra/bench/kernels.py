@@ -7,7 +7,9 @@ torch path, on one random model built in device memory (nothing is written to di
     steps     B decodes after `--context` cached tokens; sequence i uses adapter i mod N
     checks    logits of both paths on a mixed step (a prefill chunk after a cached prefix
               plus decodes, adapters and base rows), host syncs inside one kernel-path step
-    prints    one table: decode step ms per batch x adapters, torch vs kernels
+    prints    one table: decode step ms per batch x adapters, torch vs kernels; and one
+              layer's attention, paged kernel vs SDPA on the same shapes unpaged
+              (contiguous [B, heads, L, head_dim]; FlashAttention's backend on CUDA)
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from fastlibra.bench.report import run_facts, write_json
 from fastlibra.model.forward import KVCache, ModelRunner, SeqInput
+from fastlibra.model.kernels.attention import paged_attention, tile_tokens, work_items
 from fastlibra.model.loader import LayerWeights, ModelConfig, ModelWeights, RopeConfig
 from fastlibra.model.lora import ArenaLayout, LoraAdapter, LoraWeights
 
@@ -77,15 +81,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_ms(runner: ModelRunner, seqs: list[SeqInput], warmup: int, reps: int) -> float:
+def _timed(fn, warmup: int, reps: int, device: torch.device) -> float:
+    """Milliseconds per call of `fn`, the device drained before and after."""
     for _ in range(warmup):
-        runner.forward(seqs)
-    _sync(runner.w.device)
+        fn()
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
-        runner.forward(seqs)
-    _sync(runner.w.device)
+        fn()
+    _sync(device)
     return (time.perf_counter() - t0) / reps * 1e3
+
+
+def attention_vs_sdpa(cfg: ModelConfig, dt: torch.dtype, dev: torch.device, bs: int,
+                      cases: list[tuple[int, int, int]], warmup: int,
+                      reps: int) -> list[dict]:
+    """(batch, new tokens, context) cases: our kernel over scrambled paged blocks against
+    SDPA (causal, GQA) over contiguous tensors of the same sizes."""
+    import torch.nn.functional as F
+
+    out = []
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    for b, n, ctx in cases:
+        per = -(-ctx // bs)
+        k = torch.randn(b * per, bs, nkv, hd, device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        perm = torch.randperm(b * per, device=dev).to(torch.int32)
+        tables = perm.view(b, per)
+        i32 = dict(dtype=torch.int32, device=dev)
+        cu_q = torch.arange(0, b * n + 1, n, **i32)
+        ctx_t = torch.full((b,), ctx, **i32)
+        block_q = tile_tokens(nh, nkv, n)
+        seq, q0 = work_items([n] * b, block_q)
+        seq_t, q0_t = torch.tensor(seq, **i32), torch.tensor(q0, **i32)
+        q = torch.randn(b * n, nh, hd, device=dev, dtype=dt)
+        ours = _timed(partial(paged_attention, q, k, v, tables, cu_q, ctx_t, seq_t, q0_t,
+                              block_q), warmup, reps, dev)
+        qd = torch.randn(b, nh, n, hd, device=dev, dtype=dt)
+        kd = torch.randn(b, nkv, ctx, hd, device=dev, dtype=dt)
+        vd = torch.randn_like(kd)
+        # decode: one query sees every key (no mask); a prefill from 0 is plain causal
+        sdpa = partial(F.scaled_dot_product_attention, qd, kd, vd, is_causal=n > 1 and n == ctx,
+                       enable_gqa=nh != nkv)
+        theirs = _timed(sdpa, warmup, reps, dev)
+        out.append({"batch": b, "new_tokens": n, "context": ctx, "paged_ms": ours,
+                    "sdpa_ms": theirs})
+    return out
 
 
 def count_syncs(runner: ModelRunner, seqs: list[SeqInput]) -> int | None:
@@ -145,17 +186,19 @@ def run_kernel_bench(args) -> int:
                                                                           strict=True))
     rows = sum(w.shape[0] for w in want)
     print(f"mixed step ({args.chunk}-token chunk after {args.context - args.chunk} cached + "
-          f"{b - 1} decodes): max |logit diff| {diff:.4f}, argmax agrees on {agree}/{rows}")
+          f"{b - 1} decodes): max |logit diff| {diff:.2e}, argmax agrees on {agree}/{rows}")
 
     results = []
     for batch in args.batches:
         for with_adapters in (False, True):
             seqs = decodes(batch, with_adapters)
-            t_torch = step_ms(plain, seqs, args.warmup, args.reps)
-            t_kern = step_ms(kern, seqs, args.warmup, args.reps)
+            t_torch = _timed(partial(plain.forward, seqs), args.warmup, args.reps, dev)
+            t_kern = _timed(partial(kern.forward, seqs), args.warmup, args.reps, dev)
             results.append({"batch": batch, "adapters": min(batch, len(names))
                             if with_adapters else 0, "torch_ms": t_torch, "kernels_ms": t_kern})
     syncs = count_syncs(kern, decodes(max(args.batches), True))
+    attn = attention_vs_sdpa(cfg, dt, dev, bs, [(b, 1, args.context) for b in args.batches]
+                             + [(1, args.chunk, args.chunk)], args.warmup, args.reps)
 
     print(f"\ndecode step, context {args.context}, {cfg.num_layers} layers x hidden "
           f"{cfg.hidden_size} ({cfg.num_heads}/{cfg.num_kv_heads} heads), {args.dtype}, "
@@ -164,6 +207,11 @@ def run_kernel_bench(args) -> int:
     for r in results:
         print(f"{r['batch']:5d} {r['adapters']:8d} {r['torch_ms']:9.2f} {r['kernels_ms']:10.2f} "
               f"{r['torch_ms'] / r['kernels_ms']:7.2f}x")
+    print(f"\none layer's attention ({args.dtype}): paged kernel vs SDPA, unpaged")
+    print(f"{'batch':>5} {'new':>5} {'context':>7} {'paged ms':>9} {'SDPA ms':>8} {'ratio':>6}")
+    for a in attn:
+        print(f"{a['batch']:5d} {a['new_tokens']:5d} {a['context']:7d} {a['paged_ms']:9.3f} "
+              f"{a['sdpa_ms']:8.3f} {a['paged_ms'] / a['sdpa_ms']:6.2f}")
     if syncs is not None:
         print(f"host syncs inside one kernel-path step (batch {max(args.batches)}): {syncs}")
     if args.json:
@@ -173,5 +221,6 @@ def run_kernel_bench(args) -> int:
                                "args": {k: v for k, v in vars(args).items()
                                         if isinstance(v, int | float | str | list)},
                                "mixed_max_logit_diff": diff, "mixed_argmax_agree": agree,
-                               "mixed_rows": rows, "steps": results, "syncs": syncs})
+                               "mixed_rows": rows, "steps": results, "attention": attn,
+                               "syncs": syncs})
     return 0
