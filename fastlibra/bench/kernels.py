@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from fastlibra.bench.report import run_facts, write_json
+from fastlibra.config import LORA_TARGETS
 from fastlibra.model.forward import KVCache, ModelRunner, SeqInput
 from fastlibra.model.kernels.attention import paged_attention, tile_tokens, work_items
 from fastlibra.model.loader import LayerWeights, ModelConfig, ModelWeights, RopeConfig
 from fastlibra.model.lora import ArenaLayout, LoraAdapter, LoraWeights
-
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def random_weights(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> ModelWeights:
@@ -60,18 +59,18 @@ def place_adapters(runners: list[ModelRunner], n: int, rank: int, first_block: i
     for i in range(n):
         weights = {}
         for layer in range(cfg.num_layers):
-            for m in MODULES:
+            for m in LORA_TARGETS:
                 fan_in, fan_out = cfg.projection_dims(m)
                 weights[(layer, m)] = LoraWeights(
                     torch.randn(rank, fan_in, generator=g, device=dev, dtype=dt) * 0.02,
                     torch.randn(fan_out, rank, generator=g, device=dev, dtype=dt) * 0.02)
-        ad = LoraAdapter(f"lora{i}", rank, 2.0, MODULES, weights, Path("random"))
+        ad = LoraAdapter(f"lora{i}", rank, 2.0, LORA_TARGETS, weights, Path("random"))
         layout = ArenaLayout(ad, r0.kv.block_elems)
         flat = [r0.kv.data[b].view(-1) for b in range(block, block + layout.num_blocks)]
         layout.write(ad, flat)
         block += layout.num_blocks
         for r in runners:
-            r.add_adapter(LoraAdapter(ad.name, rank, ad.scaling, MODULES, {}, ad.path,
+            r.add_adapter(LoraAdapter(ad.name, rank, ad.scaling, LORA_TARGETS, {}, ad.path,
                                       layout.views(flat)))
     return block
 
@@ -156,10 +155,10 @@ def run_kernel_bench(args) -> int:
     bs = args.block_size
     ctx_blocks = -(-(args.context + 8) // bs)
     probe = KVCache(cfg, 1, bs, dt, "meta")
-    per_adapter = ArenaLayout(LoraAdapter("x", args.rank, 1.0, MODULES, {
+    per_adapter = ArenaLayout(LoraAdapter("x", args.rank, 1.0, LORA_TARGETS, {
         (i, m): LoraWeights(torch.empty(args.rank, cfg.projection_dims(m)[0], device="meta"),
                             torch.empty(cfg.projection_dims(m)[1], args.rank, device="meta"))
-        for i in range(cfg.num_layers) for m in MODULES}, Path(".")), probe.block_elems)
+        for i in range(cfg.num_layers) for m in LORA_TARGETS}, Path(".")), probe.block_elems)
     nblocks = max(args.batches) * ctx_blocks + args.adapters * per_adapter.num_blocks + 1
     kv = KVCache(cfg, nblocks, bs, dt, dev)
     kern, plain = ModelRunner(weights, kv, kernels=True), ModelRunner(weights, kv, kernels=False)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from fastlibra.config import LORA_TARGETS
 from fastlibra.model.kernels import upload
 from fastlibra.model.kernels.attention import (
     launch_paged_attention,
@@ -38,8 +39,6 @@ from fastlibra.model.kernels.lora import work_items as lora_work
 from fastlibra.model.loader import ModelConfig
 from fastlibra.model.lora import LoraAdapter
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class LoraSlots:
     """Each arena-resident adapter's rank-row offsets, in a slot of device tables."""
@@ -57,9 +56,9 @@ class LoraSlots:
 
     def _alloc(self, slots: int, width: int) -> None:
         dev, layers = self.arena.device, self.cfg.num_layers
-        offsets = torch.zeros(layers, len(MODULES), 2, slots, width, dtype=torch.int64,
+        offsets = torch.zeros(layers, len(LORA_TARGETS), 2, slots, width, dtype=torch.int64,
                               device=dev)
-        ranks = torch.zeros(layers, len(MODULES), slots, dtype=torch.int32, device=dev)
+        ranks = torch.zeros(layers, len(LORA_TARGETS), slots, dtype=torch.int32, device=dev)
         scaling = torch.zeros(slots, dtype=torch.float32, device=dev)
         if hasattr(self, "offsets"):  # grow: keep the slots in use
             p, w = self.offsets.shape[3:]
@@ -83,12 +82,12 @@ class LoraSlots:
                         max(self.offsets.shape[4], adapter.rank))
         slot = self._free.pop(0)
         width = self.offsets.shape[4]
-        offs = torch.zeros(self.cfg.num_layers, len(MODULES), 2, width, dtype=torch.int64)
-        ranks = torch.zeros(self.cfg.num_layers, len(MODULES), dtype=torch.int32)
+        offs = torch.zeros(self.cfg.num_layers, len(LORA_TARGETS), 2, width, dtype=torch.int64)
+        ranks = torch.zeros(self.cfg.num_layers, len(LORA_TARGETS), dtype=torch.int32)
         keys = set()
         for (layer, module), parts in adapter.parts.items():
             a, b = part_offsets(parts, self.flat)
-            m = MODULES.index(module)
+            m = LORA_TARGETS.index(module)
             offs[layer, m, 0, :len(a)] = torch.tensor(a)
             offs[layer, m, 1, :len(b)] = torch.tensor(b)
             ranks[layer, m] = len(a)
@@ -162,7 +161,7 @@ class KernelStep:
     def lora(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += every arena adapter's update on its rows (two launches, or none when no
         adapter of the step adapts this module)."""
-        m = MODULES.index(module)
+        m = LORA_TARGETS.index(module)
         if (layer, m) not in self.keys:
             return
         s = self.slots
