@@ -23,8 +23,8 @@ from fastlibra.model.kernels.lora import (  # noqa: E402
 )
 from fastlibra.model.lora import ArenaLayout, LoraAdapter, LoraWeights  # noqa: E402
 
-FAN_IN, FAN_OUT = 48, 40
-BLOCK_ELEMS = 600  # 6 rank rows (48 + 40 = 88 elements each) per block: ranks get split
+FAN_IN, FAN_OUT = 300, 40
+BLOCK_ELEMS = 1400  # 4 rank rows (300 + 40 elements each) per block: ranks get split
 
 
 def packed_adapters(ranks: list[int], dtype: torch.dtype, g: torch.Generator):
@@ -53,7 +53,7 @@ def packed_adapters(ranks: list[int], dtype: torch.dtype, g: torch.Generator):
 
 
 def run_both(ranks: list[int], segments: list[tuple[int, int, int]], rows: int,
-             dtype: torch.dtype, seed: int):
+             dtype: torch.dtype, seed: int, splits: int = 1):
     g = torch.Generator().manual_seed(seed)
     arena, adapters = packed_adapters(ranks, dtype, g)
     flat = arena.view(-1)
@@ -83,20 +83,21 @@ def run_both(ranks: list[int], segments: list[tuple[int, int, int]], rows: int,
     seg_t, row_t = torch.tensor(seg, **i32), torch.tensor(row, **i32)
     seg_slot = torch.tensor([p for _, _, p in segments], **i32)
     seg_end = torch.tensor([e for _, e, _ in segments], **i32)
-    xa = torch.full((rows, r_max), float("nan"), **dev)
+    xa = torch.full((splits, rows, r_max), float("nan"), **dev)
     got = y0.clone()
     lora_shrink(x, flat, a_off, ranks_t, scaling, seg_slot, seg_end, seg_t, row_t, xa)
     lora_expand(xa, flat, b_off, ranks_t, seg_slot, seg_end, seg_t, row_t, got)
     return got, want, y0, segments
 
 
-def test_eight_adapters_of_mixed_ranks_and_base_rows():
+@pytest.mark.parametrize("splits", [1, 3])
+def test_eight_adapters_of_mixed_ranks_and_base_rows(splits):
     ranks = [8, 16, 4, 0, 32, 8, 12, 20]  # per slot; the 0: an adapter of v_proj only
     # (rows, slot): rows 0-2 base model; one segment per adapter in another order than
     # the slots, some longer than a tile; rows 33-35 and 60-61 base model too
     segments = [(3, 4, 5), (4, 23, 1), (23, 24, 7), (24, 30, 3), (30, 31, 4), (31, 33, 0),
                 (36, 37, 2), (37, 60, 6)]
-    got, want, y0, _ = run_both(ranks, segments, 62, torch.float32, seed=0)
+    got, want, y0, _ = run_both(ranks, segments, 62, torch.float32, seed=0, splits=splits)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     # base rows, the gap (33-35), the tail and the rank-0 segment are untouched
     for s, e in [(0, 3), (24, 30), (33, 36), (60, 62)]:
@@ -106,8 +107,10 @@ def test_eight_adapters_of_mixed_ranks_and_base_rows():
 
 def test_bfloat16():
     got, want, _, _ = run_both([16, 4, 8], [(0, 1, 2), (1, 18, 0), (20, 21, 1)], 21,
-                               torch.bfloat16, seed=1)
-    torch.testing.assert_close(got.float(), want.float(), atol=0.1, rtol=2e-2)
+                               torch.bfloat16, seed=1, splits=2)
+    # xa is rounded to bfloat16 before the expand (as the torch path's bf16 products)
+    scale = float(want.float().abs().max())
+    torch.testing.assert_close(got.float(), want.float(), atol=0.01 * scale, rtol=0)
 
 
 def test_offsets_must_come_from_the_arena():
@@ -117,14 +120,14 @@ def test_offsets_must_come_from_the_arena():
     i32 = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(ValueError, match="ranks must be torch.int32"):
         lora_shrink(x, torch.zeros(9), torch.zeros(1, 2, dtype=torch.int64), i32.long(),
-                    torch.ones(1), i32, i32, i32, i32, torch.zeros(2, 2))
+                    torch.ones(1), i32, i32, i32, i32, torch.zeros(1, 2, 2))
 
 
 @settings(max_examples=8, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 20),
                           st.sampled_from([0, 4, 8, 12, 24])), min_size=1, max_size=6),
-       st.integers(0, 2**16))
-def test_drawn_batches_match_reference(layout, seed):
+       st.integers(0, 2**16), st.integers(1, 3))
+def test_drawn_batches_match_reference(layout, seed, splits):
     """(base rows before it, rows, rank) per segment; slots in reverse order."""
     ranks = [r for _, _, r in layout][::-1]
     if not any(ranks):
@@ -133,5 +136,5 @@ def test_drawn_batches_match_reference(layout, seed):
     for i, (gap, n, _) in enumerate(layout):
         segments.append((row + gap, row + gap + n, len(layout) - 1 - i))
         row += gap + n
-    got, want, _, _ = run_both(ranks, segments, row + 1, torch.float32, seed)
+    got, want, _, _ = run_both(ranks, segments, row + 1, torch.float32, seed, splits)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

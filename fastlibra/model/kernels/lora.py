@@ -13,10 +13,15 @@ into one flat tensor (the unified arena, `ArenaLayout` packs them rank row by ra
     seg_end  [S] int32                its rows end here (exclusive)
     work     (segment, first row) of each tile of BLOCK_T rows, from the host
 
-    shrink:  xa[rows, :rank] = scaling * x[rows] @ A^T      xa [T, >= R] float32
-    expand:  y[rows] += xa[rows, :rank] @ B^T               in place, y's dtype
+    shrink:  xa[k, rows, :rank] = scaling * x[rows, K_k] @ A[:, K_k]^T
+                                        xa [SPLIT, T, >= R] float32, K_k: the k-th of SPLIT
+                                        slices of the input features
+    expand:  y[rows] += sum_k xa[k, rows, :rank] @ B^T      in place, y's dtype
 
-R is the widest rank of the step: pass `a_off[:, :R]` (strides are arguments).
+R is the widest rank of the step: pass `a_off[:, :R]` (strides are arguments). A decode
+step has few rows, so few shrink programs, each walking the whole input width; the split
+(`split_k`) spreads that walk over more programs, and the expand adds the partial sums
+(no atomics: the result does not depend on the order programs finish in).
 
 Rows of the base model are in no segment and cost nothing; adapters of different ranks
 share a launch (a program past its segment's rank returns at once).
@@ -32,17 +37,19 @@ from fastlibra.model.kernels import INTERPRETED
 
 BLOCK_T = 16
 """Rows per program: the smallest tensor-core tile (a decode segment of one row pads to it)."""
+BLOCK_K = 128
+"""Input features per shrink iteration."""
 
 
 @triton.jit
 def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_slot_ptr,
-                   seg_end_ptr,
-                   work_seg_ptr, work_row_ptr, fan_in,
-                   s_xt, s_xk, s_at, s_ar, s_os, s_or,
+                   seg_end_ptr, work_seg_ptr, work_row_ptr, fan_in, k_per_split,
+                   s_xt, s_xk, s_as, s_at, s_ar, s_os, s_or,
                    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     r_tile = tl.program_id(1)
+    split = tl.program_id(2)
     seg = tl.load(work_seg_ptr + pid)
     slot = tl.load(seg_slot_ptr + seg)
     rank = tl.load(ranks_ptr + slot)
@@ -56,9 +63,10 @@ def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_
     r_ok = r < rank
     a_off = tl.load(a_off_ptr + slot * s_os + r * s_or, mask=r_ok, other=0)
     acc = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
-    for k0 in range(0, fan_in, BLOCK_K):
+    k_end = tl.minimum(split * k_per_split + k_per_split, fan_in)
+    for k0 in range(split * k_per_split, k_end, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < fan_in
+        k_ok = k < k_end
         x = tl.load(x_ptr + rows[:, None] * s_xt + k[None, :] * s_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(w_ptr + a_off[None, :] + k[:, None],
@@ -72,16 +80,16 @@ def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_
         else:
             acc += tl.dot(x, a)
     acc *= tl.load(scaling_ptr + slot)
-    tl.store(xa_ptr + rows[:, None] * s_at + r[None, :] * s_ar, acc,
+    tl.store(xa_ptr + split * s_as + rows[:, None] * s_at + r[None, :] * s_ar, acc,
              mask=row_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_slot_ptr, seg_end_ptr,
                    work_seg_ptr, work_row_ptr, fan_out,
-                   s_at, s_ar, s_yt, s_yn, s_os, s_or,
-                   BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                   s_as, s_at, s_ar, s_yt, s_yn, s_os, s_or,
+                   SPLIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_N: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     n_tile = tl.program_id(1)
     seg = tl.load(work_seg_ptr + pid)
@@ -99,8 +107,11 @@ def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_slot_ptr, seg
     for r0 in range(0, rank, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         r_ok = r < rank
-        xa = tl.load(xa_ptr + rows[:, None] * s_at + r[None, :] * s_ar,
-                     mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        xa_ptrs = xa_ptr + rows[:, None] * s_at + r[None, :] * s_ar
+        xa_ok = row_ok[:, None] & r_ok[None, :]
+        xa = tl.load(xa_ptrs, mask=xa_ok, other=0.0)
+        for k in range(1, SPLIT):
+            xa += tl.load(xa_ptrs + k * s_as, mask=xa_ok, other=0.0)
         b_off = tl.load(b_off_ptr + slot * s_os + r * s_or, mask=r_ok, other=0)
         b = tl.load(w_ptr + b_off[:, None] + n[None, :],
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
@@ -120,6 +131,15 @@ def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_slot_ptr, seg
 
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+MAX_SPLIT = 8
+
+
+def split_k(programs: int, fan_in: int) -> int:
+    """Input-width slices of a shrink: enough programs to fill a GPU (about 128) when a
+    step has few rows, each slice at least 512 features wide, at most `MAX_SPLIT`."""
+    return max(1, min(MAX_SPLIT, fan_in // 512, -(-128 // max(1, programs))))
 
 
 def rank_block(max_rank: int) -> int:
@@ -169,9 +189,9 @@ def lora_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
     if x.dtype != weights.dtype or xa.dtype != torch.float32:
         raise ValueError(f"x ({x.dtype}) must have the weights' dtype ({weights.dtype}), "
                          f"xa ({xa.dtype}) must be float32")
-    if xa.shape[0] != x.shape[0] or xa.shape[1] < a_off.shape[1]:
-        raise ValueError(f"xa {tuple(xa.shape)} must have {x.shape[0]} rows and >= "
-                         f"{a_off.shape[1]} columns")
+    if xa.dim() != 3 or xa.shape[1] != x.shape[0] or xa.shape[2] < a_off.shape[1]:
+        raise ValueError(f"xa {tuple(xa.shape)} must be [splits, {x.shape[0]} rows, >= "
+                         f"{a_off.shape[1]}]")
     if scaling.dtype != torch.float32 or scaling.shape != ranks.shape:
         raise ValueError("scaling must be float32, one per segment")
     launch_shrink(x, weights, a_off, ranks, scaling, seg_slot, seg_end, work_seg, work_row, xa)
@@ -185,11 +205,12 @@ def launch_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
     if work_seg.numel() == 0 or a_off.shape[1] == 0:
         return
     block_r = rank_block(a_off.shape[1])
-    grid = (work_seg.numel(), triton.cdiv(a_off.shape[1], block_r))
+    splits, fan_in = xa.shape[0], x.shape[1]
+    k_per_split = triton.cdiv(triton.cdiv(fan_in, splits), BLOCK_K) * BLOCK_K
+    grid = (work_seg.numel(), triton.cdiv(a_off.shape[1], block_r), splits)
     _shrink_kernel[grid](x, weights, xa, a_off, ranks, scaling, seg_slot, seg_end, work_seg,
-                         work_row,
-                         x.shape[1], *x.stride(), *xa.stride(), *a_off.stride(),
-                         BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=64,
+                         work_row, fan_in, k_per_split, *x.stride(), *xa.stride(),
+                         *a_off.stride(), BLOCK_T=BLOCK_T, BLOCK_R=block_r, BLOCK_K=BLOCK_K,
                          IEEE=x.dtype == torch.float32,
                          UPCAST=INTERPRETED and x.dtype == torch.bfloat16)
 
@@ -197,11 +218,13 @@ def launch_shrink(x: torch.Tensor, weights: torch.Tensor, a_off: torch.Tensor,
 def lora_expand(xa: torch.Tensor, weights: torch.Tensor, b_off: torch.Tensor,
                 ranks: torch.Tensor, seg_slot: torch.Tensor, seg_end: torch.Tensor,
                 work_seg: torch.Tensor, work_row: torch.Tensor, y: torch.Tensor) -> None:
-    """y[rows of s] += xa[rows, :rank] @ B^T of s's slot, in place."""
+    """y[rows of s] += (sum over splits of xa)[rows, :rank] @ B^T of s's slot, in place."""
     _check(weights, b_off, ranks, seg_slot, seg_end, work_seg, work_row, y.device)
-    if y.dtype != weights.dtype or xa.dtype != torch.float32 or xa.shape[0] != y.shape[0]:
+    if y.dtype != weights.dtype or xa.dtype != torch.float32 or xa.dim() != 3 \
+            or xa.shape[1] != y.shape[0] or not 1 <= xa.shape[0] <= MAX_SPLIT:
         raise ValueError(f"y ({y.dtype}) must have the weights' dtype ({weights.dtype}) and "
-                         f"xa (float32) its {y.shape[0]} rows")
+                         f"xa (float32, [1..{MAX_SPLIT} splits, rows, rank]) its {y.shape[0]} "
+                         "rows")
     launch_expand(xa, weights, b_off, ranks, seg_slot, seg_end, work_seg, work_row, y)
 
 
@@ -214,7 +237,7 @@ def launch_expand(xa: torch.Tensor, weights: torch.Tensor, b_off: torch.Tensor,
     grid = (work_seg.numel(), triton.cdiv(y.shape[1], 64))
     _expand_kernel[grid](xa, weights, y, b_off, ranks, seg_slot, seg_end, work_seg, work_row,
                          y.shape[1], *xa.stride(), *y.stride(), *b_off.stride(),
-                         BLOCK_T=BLOCK_T, BLOCK_R=rank_block(b_off.shape[1]), BLOCK_N=64,
+                         SPLIT=xa.shape[0], BLOCK_T=BLOCK_T, BLOCK_R=rank_block(b_off.shape[1]), BLOCK_N=64,
                          IEEE=y.dtype == torch.float32,
                          UPCAST=INTERPRETED and y.dtype == torch.bfloat16)
 

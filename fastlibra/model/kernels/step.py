@@ -29,11 +29,14 @@ from fastlibra.model.kernels.attention import (
 )
 from fastlibra.model.kernels.attention import work_items as attention_work
 from fastlibra.model.kernels.lora import (
+    MAX_SPLIT,
     launch_expand,
     launch_shrink,
     lora_expand,
     lora_shrink,
     part_offsets,
+    rank_block,
+    split_k,
 )
 from fastlibra.model.kernels.lora import work_items as lora_work
 from fastlibra.model.loader import ModelConfig
@@ -140,8 +143,9 @@ class KernelStep:
         self.keys = set().union(*(slots.keys[name] for _, _, name in segments)) \
             if segments else set()
         self.rank = max((slots.rank[name] for _, _, name in segments), default=0)
-        self.xa = torch.empty(cu_q[-1], self.rank, dtype=torch.float32, device=dev) \
-            if segments else None
+        self.xa = torch.empty(MAX_SPLIT, cu_q[-1], self.rank, dtype=torch.float32,
+                              device=dev) if segments else None
+        self.rank_tiles = -(-self.rank // rank_block(self.rank)) if segments else 0
         self._checked: set[str] = set()
         """Launchers whose arguments were checked in this step: the first call of each
         checks (metadata, dtypes, strides), later layers only launch."""
@@ -171,7 +175,8 @@ class KernelStep:
         shrink, expand = (launch_shrink, launch_expand) if module in self._checked \
             else (lora_shrink, lora_expand)
         self._checked.add(module)
+        xa = self.xa[:split_k(self.lora_seg.numel() * self.rank_tiles, x.shape[1])]
         shrink(x, s.flat, a_off, ranks, s.scaling, self.seg_slot, self.seg_end,
-               self.lora_seg, self.lora_row, self.xa)
-        expand(self.xa, s.flat, b_off, ranks, self.seg_slot, self.seg_end,
+               self.lora_seg, self.lora_row, xa)
+        expand(xa, s.flat, b_off, ranks, self.seg_slot, self.seg_end,
                self.lora_seg, self.lora_row, y)
