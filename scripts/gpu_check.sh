@@ -56,10 +56,15 @@ from fastlibra.model.tiny import build_tiny_model
 with tempfile.TemporaryDirectory() as tmp:
     base, adapters = build_tiny_model(Path(tmp), num_adapters=2)
     free, total = torch.cuda.mem_get_info()
-    llm = LLM(base, adapters, device="cuda", gpu_memory_utilization=0.5)
+    # a utilization that leaves about 1 GiB for the pool (a tiny model's blocks are tiny:
+    # a 40 GiB pool would be millions of blocks for the cache's books)
+    util = (total - free + 2**30) / total
+    llm = LLM(base, adapters, device="cuda", gpu_memory_utilization=util,
+              host_memory=64 * 2**20)
     pool = llm.runner.kv.data.nbytes
-    print(f"pool {pool / 2**30:.2f} GiB at utilization 0.5 of {total / 2**30:.1f} GiB "
-          f"({(total - free) / 2**30:.2f} GiB in use before); max_model_len {llm.max_model_len}")
+    print(f"pool {pool / 2**30:.3f} GiB at utilization {util:.4f} of {total / 2**30:.1f} GiB "
+          f"({(total - free) / 2**30:.2f} GiB in use before: expect a little under 1 GiB, "
+          f"less the profiled peak); max_model_len {llm.max_model_len}")
     (o,) = llm.generate("w7 w8 w9", adapter="lora-0")
     print("generated", o.token_ids)
     llm.close()

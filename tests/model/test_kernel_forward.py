@@ -98,3 +98,19 @@ def test_kernel_path_matches_torch_path(llama, monkeypatch, dtype, atol):
     # and peft: the chunk of sequence 0 sees its 6 cached tokens
     t0 = tokens(6, 1) + tokens(7, 6)
     torch.testing.assert_close(got[1].cpu(), ref.logits(t0, "a")[6:], atol=atol, rtol=0)
+
+
+def test_kernel_choice_is_checked(monkeypatch):
+    from fastlibra.model import kernels
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("FASTLIBRA_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="FASTLIBRA_KERNELS='cuda': use 'triton' or 'torch'"):
+        kernels.kernels_wanted(cpu)
+    monkeypatch.setenv("FASTLIBRA_KERNELS", "triton")
+    assert kernels.kernels_wanted(cpu)  # the tests run in the interpreter
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="set TRITON_INTERPRET=1 too"):
+        kernels.kernels_wanted(cpu)
+    monkeypatch.delenv("FASTLIBRA_KERNELS")
+    assert not kernels.kernels_wanted(cpu)  # CPU default: the torch path

@@ -17,6 +17,9 @@ def kernels_wanted(device: torch.device) -> bool:
     choice = os.environ.get("FASTLIBRA_KERNELS", "")
     if choice not in ("", "triton", "torch"):
         raise ValueError(f"FASTLIBRA_KERNELS={choice!r}: use 'triton' or 'torch'")
+    if choice == "triton" and device.type != "cuda" and not INTERPRETED:
+        raise ValueError("FASTLIBRA_KERNELS=triton off CUDA runs the kernels in Triton's "
+                         "interpreter: set TRITON_INTERPRET=1 too")
     if choice:
         return choice == "triton"
     if device.type != "cuda":
