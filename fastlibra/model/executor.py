@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -228,9 +229,10 @@ class ArenaMover:
         # it and may later sit in a KV block's masked slots, where NaN garbage would
         # poison attention (masked weights are 0, but 0 * NaN is NaN).
         self.host = torch.zeros((host_blocks, *data.shape[1:]), dtype=data.dtype)
-        self._pinned = data.is_cuda and self.host.numel() > 0
-        if self._pinned:
+        self._unpin = None
+        if data.is_cuda and self.host.numel() > 0:
             _register(self.host)
+            self._unpin = weakref.finalize(self, _unregister, self.host.data_ptr())
         self.adapter_paths: dict[str, Path] = {}
         self.layouts: dict[str, tuple[LoraAdapter, ArenaLayout]] = {}
         """Per adapter: its metadata (no tensors) and where its weights sit in blocks."""
@@ -371,10 +373,9 @@ class ArenaMover:
         self.drain()
         if self._worker is not None:
             self._worker.shutdown()
-        if self._pinned:
+        if self._unpin is not None:
             torch.cuda.synchronize(self.device)
-            torch.cuda.cudart().cudaHostUnregister(self.host.data_ptr())
-            self._pinned = False
+            self._unpin()  # at most once, here or when the mover is collected
 
     # -- blocks ---------------------------------------------------------------------------
     def _copy_blocks(self, move: Move, offset: int = 0) -> None:
@@ -515,6 +516,11 @@ def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
     return runs
 
 
+_REGISTERED: dict[int, torch.Tensor] = {}
+"""Host arenas page-locked with CUDA, by address: held here so that their memory is
+never freed (and reused by a later allocation) while still registered."""
+
+
 def _register(host: torch.Tensor) -> None:
     """Page-lock `host` in place so copies to and from it are asynchronous DMA. torch's
     pinned allocator rounds every allocation up to a power of two (a 40 GB host arena
@@ -523,6 +529,12 @@ def _register(host: torch.Tensor) -> None:
     if err != 0:
         raise RuntimeError(f"cannot page-lock the {host.nbytes} byte host arena "
                            f"(cudaHostRegister error {err}); lower --host-memory")
+    _REGISTERED[host.data_ptr()] = host
+
+
+def _unregister(ptr: int) -> None:
+    if _REGISTERED.pop(ptr, None) is not None:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def _metadata(adapter: LoraAdapter) -> LoraAdapter:
