@@ -12,6 +12,7 @@ from tinymodels import DEVICE
 
 pytest.importorskip("triton")
 from fastlibra.model.kernels.attention import (  # noqa: E402
+    kv_splits,
     paged_attention,
     paged_attention_reference,
     tile_tokens,
@@ -43,7 +44,7 @@ def case(seqs: list[tuple[int, int]], nh: int, nkv: int, hd: int, bs: int,
             cu_q.to(dev), ctx.to(dev))
 
 
-def run(args, window=None):
+def run(args, window=None, splits=1):
     q, k, v, tables, cu_q, ctx = args
     lens = (cu_q[1:] - cu_q[:-1]).tolist()
     block_q = tile_tokens(q.shape[1], k.shape[2], max(lens))
@@ -51,7 +52,8 @@ def run(args, window=None):
     i32 = dict(dtype=torch.int32, device=q.device)
     out = torch.full_like(q, float("nan"))
     paged_attention(q, k, v, tables, cu_q, ctx, torch.tensor(seq, **i32),
-                    torch.tensor(q0, **i32), block_q, window=window, out=out)
+                    torch.tensor(q0, **i32), block_q, window=window, out=out, splits=splits,
+                    max_ctx=int(ctx.max()))
     return out
 
 
@@ -65,6 +67,20 @@ def test_mixed_step_matches_reference(nh, nkv):
     want = paged_attention_reference(*args)
     got = run(args)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_keys_split_into_slices_match_reference(window):
+    """Decodes over 150-300 keys in 3 slices of 128 (one slice empty for the shortest, a
+    window that skips the first slices), and the step's own choice of slices."""
+    args = case([(150, 1), (299, 1), (40, 1), (200, 1)], 4, 2, hd=16, bs=4,
+                dtype=torch.float32, seed=7)
+    want = paged_attention_reference(*args, window=window)
+    torch.testing.assert_close(run(args, window, splits=3), want, atol=1e-5, rtol=1e-5)
+    assert kv_splits(programs=8, max_ctx=300, max_q=1) == 1  # slices of >= 256 keys
+    assert kv_splits(programs=8, max_ctx=4096, max_q=1) == 16
+    assert kv_splits(programs=256, max_ctx=4096, max_q=1) == 1  # enough programs
+    assert kv_splits(programs=8, max_ctx=4096, max_q=7) == 1  # chunks: never
 
 
 def test_bfloat16_and_sliding_window():
@@ -96,3 +112,5 @@ def test_bad_arguments_are_named():
         paged_attention(q.half(), k, v, tables, cu_q, ctx, z, z, 1)
     with pytest.raises(ValueError, match="3 query heads are not a multiple of 2"):
         paged_attention(q[:, :3], k, v, tables, cu_q, ctx, z, z, 1)
+    with pytest.raises(ValueError, match="with max_ctx > 0"):
+        paged_attention(q, k, v, tables, cu_q, ctx, z, z, 1, splits=2)

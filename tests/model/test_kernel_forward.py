@@ -12,6 +12,7 @@ from tinymodels import BS, DEVICE, Blocks, llama_setup, runner, tokens
 
 pytest.importorskip("triton")
 from fastlibra.model import KVCache, ModelRunner, SeqInput, load_adapter, load_model  # noqa: E402
+from fastlibra.model.kernels.step import KernelStep  # noqa: E402
 from fastlibra.model.lora import ArenaLayout, LoraAdapter  # noqa: E402
 
 
@@ -114,3 +115,19 @@ def test_kernel_choice_is_checked(monkeypatch):
         kernels.kernels_wanted(cpu)
     monkeypatch.delenv("FASTLIBRA_KERNELS")
     assert not kernels.kernels_wanted(cpu)  # CPU default: the torch path
+
+
+def test_long_decodes_split_their_keys(llama):
+    """Decodes after 520 and 300 cached tokens: the step slices the keys (`kv_splits`:
+    2 slices here) and still gives the torch path's logits."""
+    base, _, _ = llama
+    weights = load_model(base, device=DEVICE)
+    kv = KVCache(weights.config, 240, BS, torch.float32, DEVICE)
+    plain, kern = ModelRunner(weights, kv, kernels=False), ModelRunner(weights, kv, kernels=True)
+    blocks = Blocks(240)
+    prompts = [tokens(520, 8), tokens(300, 9)]
+    tables = [blocks.table(len(t) + 1) for t in prompts]
+    plain.forward([SeqInput(t, 0, tab) for t, tab in zip(prompts, tables, strict=True)])
+    step = [SeqInput([5], len(t), tab) for t, tab in zip(prompts, tables, strict=True)]
+    assert KernelStep([1, 1], [521, 301], tables, [], kern.slots, kern.cfg, BS).splits == 2
+    torch.testing.assert_close(kern.forward(step), plain.forward(step), atol=1e-4, rtol=0)

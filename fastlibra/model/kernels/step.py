@@ -23,6 +23,7 @@ import torch
 from fastlibra.config import LORA_TARGETS
 from fastlibra.model.kernels import upload
 from fastlibra.model.kernels.attention import (
+    kv_splits,
     launch_paged_attention,
     paged_attention,
     tile_tokens,
@@ -122,6 +123,8 @@ class KernelStep:
         need = -(-max(ctx_lens) // block_size)
         self.block_q = tile_tokens(cfg.num_heads, cfg.num_kv_heads, max(lengths))
         a_seq, a_q0 = attention_work(list(lengths), self.block_q)
+        self.max_ctx = max(ctx_lens)
+        self.splits = kv_splits(len(a_seq) * cfg.num_kv_heads, self.max_ctx, max(lengths))
         seg_bounds = [(s, e) for s, e, _ in segments]
         l_seg, l_row = lora_work(seg_bounds)
         cu_q = [0]
@@ -156,10 +159,12 @@ class KernelStep:
         if "attention" not in self._checked:
             self._checked.add("attention")
             return paged_attention(q, k, v, self.tables, self.cu_q, self.ctx, self.work_seq,
-                                   self.work_q0, self.block_q, window=window)
+                                   self.work_q0, self.block_q, window=window,
+                                   splits=self.splits, max_ctx=self.max_ctx)
         out = torch.empty_like(q)
         launch_paged_attention(q, k, v, self.tables, self.cu_q, self.ctx, self.work_seq,
-                               self.work_q0, self.block_q, window, out)
+                               self.work_q0, self.block_q, window, out, self.splits,
+                               self.max_ctx)
         return out
 
     def lora(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
