@@ -25,7 +25,12 @@ import torch
 from fastlibra.bench.report import run_facts, write_json
 from fastlibra.config import LORA_TARGETS
 from fastlibra.model.forward import KVCache, ModelRunner, SeqInput
-from fastlibra.model.kernels.attention import paged_attention, tile_tokens, work_items
+from fastlibra.model.kernels.attention import (
+    kv_splits,
+    paged_attention,
+    tile_tokens,
+    work_items,
+)
 from fastlibra.model.loader import LayerWeights, ModelConfig, ModelWeights, RopeConfig
 from fastlibra.model.lora import ArenaLayout, LoraAdapter, LoraWeights
 
@@ -114,8 +119,9 @@ def attention_vs_sdpa(cfg: ModelConfig, dt: torch.dtype, dev: torch.device, bs: 
         seq, q0 = work_items([n] * b, block_q)
         seq_t, q0_t = torch.tensor(seq, **i32), torch.tensor(q0, **i32)
         q = torch.randn(b * n, nh, hd, device=dev, dtype=dt)
+        splits = kv_splits(len(seq) * nkv, ctx, n)  # as a step would slice the keys
         ours = _timed(partial(paged_attention, q, k, v, tables, cu_q, ctx_t, seq_t, q0_t,
-                              block_q), warmup, reps, dev)
+                              block_q, splits=splits, max_ctx=ctx), warmup, reps, dev)
         qd = torch.randn(b, nh, n, hd, device=dev, dtype=dt)
         kd = torch.randn(b, nkv, ctx, hd, device=dev, dtype=dt)
         vd = torch.randn_like(kd)
@@ -123,8 +129,8 @@ def attention_vs_sdpa(cfg: ModelConfig, dt: torch.dtype, dev: torch.device, bs: 
         sdpa = partial(F.scaled_dot_product_attention, qd, kd, vd, is_causal=n > 1 and n == ctx,
                        enable_gqa=nh != nkv)
         theirs = _timed(sdpa, warmup, reps, dev)
-        out.append({"batch": b, "new_tokens": n, "context": ctx, "paged_ms": ours,
-                    "sdpa_ms": theirs})
+        out.append({"batch": b, "new_tokens": n, "context": ctx, "splits": splits,
+                    "paged_ms": ours, "sdpa_ms": theirs})
     return out
 
 
@@ -197,7 +203,8 @@ def run_kernel_bench(args) -> int:
                             if with_adapters else 0, "torch_ms": t_torch, "kernels_ms": t_kern})
     syncs = count_syncs(kern, decodes(max(args.batches), True))
     attn = attention_vs_sdpa(cfg, dt, dev, bs, [(b, 1, args.context) for b in args.batches]
-                             + [(1, args.chunk, args.chunk)], args.warmup, args.reps)
+                             + [(1, 1, 8 * args.context), (1, args.chunk, args.chunk)],
+                             args.warmup, args.reps)
 
     print(f"\ndecode step, context {args.context}, {cfg.num_layers} layers x hidden "
           f"{cfg.hidden_size} ({cfg.num_heads}/{cfg.num_kv_heads} heads), {args.dtype}, "
@@ -207,10 +214,11 @@ def run_kernel_bench(args) -> int:
         print(f"{r['batch']:5d} {r['adapters']:8d} {r['torch_ms']:9.2f} {r['kernels_ms']:10.2f} "
               f"{r['torch_ms'] / r['kernels_ms']:7.2f}x")
     print(f"\none layer's attention ({args.dtype}): paged kernel vs SDPA, unpaged")
-    print(f"{'batch':>5} {'new':>5} {'context':>7} {'paged ms':>9} {'SDPA ms':>8} {'ratio':>6}")
+    print(f"{'batch':>5} {'new':>5} {'context':>7} {'slices':>6} {'paged ms':>9} {'SDPA ms':>8} "
+          f"{'ratio':>6}")
     for a in attn:
-        print(f"{a['batch']:5d} {a['new_tokens']:5d} {a['context']:7d} {a['paged_ms']:9.3f} "
-              f"{a['sdpa_ms']:8.3f} {a['paged_ms'] / a['sdpa_ms']:6.2f}")
+        print(f"{a['batch']:5d} {a['new_tokens']:5d} {a['context']:7d} {a['splits']:6d} "
+              f"{a['paged_ms']:9.3f} {a['sdpa_ms']:8.3f} {a['paged_ms'] / a['sdpa_ms']:6.2f}")
     if syncs is not None:
         print(f"host syncs inside one kernel-path step (batch {max(args.batches)}): {syncs}")
     if args.json:
