@@ -102,7 +102,6 @@ class _Refused(argparse.Action):
 
 
 VLLM_REFUSED = {
-    "--gpu-memory-utilization": "size the device pool with --device-memory (e.g. 20GiB)",
     "--cpu-offload-gb": "weights stay on the device; the host tier (--swap-space) holds "
                         "adapters and KV",
     "--pipeline-parallel-size": "one engine runs on one device",
@@ -134,6 +133,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     host.add_argument("--host-memory", type=_bytes, default=None, help="host pool, e.g. 8GiB")
     host.add_argument("--swap-space", type=_positive(float), default=None, metavar="GIB",
                       help="host pool in GiB (vLLM's flag; the same as --host-memory)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="without --device-memory on CUDA: the share of the GPU's memory "
+                        "this engine may fill (weights, profiled activations, then the pool)")
     parser.add_argument("--block-size", type=_positive(int), default=16)
     parser.add_argument("--policy", type=_policy, default="fastlibra")
     parser.add_argument("--max-loras", type=_positive(int), default=None,
@@ -143,7 +145,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
                         help="most adapters kept in host memory, in blocks of the largest "
                         "one given (the host pool grows to hold them if its size is not given)")
     parser.add_argument("--max-model-len", type=_positive(int), default=None,
-                        help="context length (default: the model's max_position_embeddings)")
+                        help="context length, prompt + generated (default: 8192, capped by "
+                        "the model's max_position_embeddings)")
     parser.add_argument("--max-num-seqs", type=_positive(int), default=256)
     parser.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
@@ -174,7 +177,8 @@ def _llm_args(args) -> dict:
                 max_lora_rank=args.max_lora_rank, max_cpu_loras=args.max_cpu_loras,
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
-                enable_prefix_caching=args.enable_prefix_caching)
+                enable_prefix_caching=args.enable_prefix_caching,
+                gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 def _named_adapters(modules: list[tuple[str, str, str | None]]) -> dict[str, str]:
@@ -402,6 +406,26 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--reps", type=int, default=5, help="timed runs per measurement (median)")
     model.add_argument("--seed", type=int, default=0)
 
+    kern = bsub.add_parser("kernels", help="decode step time through the Triton kernels "
+                           "against the torch path on a random model built on the device")
+    for flag, default in (("--hidden", 4096), ("--layers", 32), ("--heads", 32),
+                          ("--kv-heads", 8), ("--intermediate", 14336), ("--vocab", 128256)):
+        kern.add_argument(flag, type=int, default=default,
+                          help=f"model shape (default {default}: Llama-3-8B)")
+    kern.add_argument("--adapters", type=int, default=50, help="distinct adapters (default 50)")
+    kern.add_argument("--rank", type=int, default=16, help="LoRA rank on every linear layer")
+    kern.add_argument("--context", type=int, default=512, help="cached tokens per sequence")
+    kern.add_argument("--chunk", type=int, default=256,
+                      help="prefill chunk of the correctness step (default 256)")
+    kern.add_argument("--batches", type=lambda t: [int(x) for x in t.split(",")],
+                      default=[1, 16, 64], help="decode batch sizes (default 1,16,64)")
+    kern.add_argument("--block-size", type=int, default=16)
+    kern.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    kern.add_argument("--device", default=None, help="default: cuda if present")
+    kern.add_argument("--warmup", type=int, default=3)
+    kern.add_argument("--reps", type=int, default=10, help="timed steps per measurement")
+    kern.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
     replay = bsub.add_parser("replay", help="a multi-turn multi-adapter chatbot replayed in "
                              "real time on the real engine (random Llama + PEFT adapters), "
                              "once per policy, same device budget")
@@ -510,6 +534,7 @@ _BENCHMARKS = {
     "paper": ("fastlibra.bench.paper", "run_paper"),
     "model": ("fastlibra.bench.model", "run_model_bench"),
     "replay": ("fastlibra.bench.replay", "run_replay"),
+    "kernels": ("fastlibra.bench.kernels", "run_kernel_bench"),
     "fidelity": ("fastlibra.bench.fidelity", "run_fidelity"),
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
     "structured": ("fastlibra.bench.structured", "run_structured"),

@@ -32,7 +32,7 @@ from fastlibra.config import CacheConfig, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
 from fastlibra.model.executor import ArenaMover, ModelExecutor, RequestFailed
-from fastlibra.model.forward import KVCache, ModelRunner
+from fastlibra.model.forward import KVCache, ModelRunner, SeqInput
 from fastlibra.model.grammar import GrammarCompiler
 from fastlibra.model.loader import default_device, load_model, resolve_dtype
 from fastlibra.model.sampling import (
@@ -220,18 +220,80 @@ class _Live:
     prompt: str | None = None
 
 
+DEFAULT_MAX_MODEL_LEN = 8192
+"""Context length (prompt + generated) when none is given: chats, few-shot prompts and
+agent turns fit, and one request cannot claim the arena a 128k position limit would
+allow (Llama 3.1 declares 131,072). Raise it with `max_model_len` / `--max-model-len`."""
+
+
+def _max_model_len(asked: int | None, limit: int) -> int:
+    if asked is None:
+        return min(DEFAULT_MAX_MODEL_LEN, limit)
+    if isinstance(asked, bool) or not isinstance(asked, int) or not 1 < asked <= limit:
+        raise ValueError(f"max_model_len={asked!r} must be an integer in 2..{limit} "
+                         "(the model's max_position_embeddings)")
+    return asked
+
+
+def device_pool_bytes(total: int, free: int, peak: int, utilization: float) -> int:
+    """Bytes left for the device arena: `utilization` x `total` GPU memory, less what is
+    in use already (`total - free`: weights, CUDA context, other processes) and less the
+    activation `peak` of the largest step."""
+    return int(utilization * total) - (total - free) - peak
+
+
+@torch.inference_mode()
+def _profile_device_memory(weights, block_size: int, max_num_seqs: int,
+                           max_batched_tokens: int, utilization: float) -> int:
+    """Run the largest step the scheduler may batch (`max_batched_tokens` tokens spread
+    over up to `max_num_seqs` sequences, all logits) on a throwaway arena and size the
+    real arena from its peak (`device_pool_bytes`)."""
+    dev, cfg = weights.device, weights.config
+    nseq = max(1, min(max_num_seqs, max_batched_tokens))
+    per = [max_batched_tokens // nseq + (i < max_batched_tokens % nseq) for i in range(nseq)]
+    need = [-(-n // block_size) for n in per]
+    kv = KVCache(cfg, sum(need), block_size, weights.dtype, dev)
+    runner = ModelRunner(weights, kv)
+    first = [sum(need[:i]) for i in range(nseq)]
+    seqs = [SeqInput([1] * n, 0, list(range(f, f + k)), None)
+            for n, f, k in zip(per, first, need, strict=True)]
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    before = torch.cuda.memory_allocated(dev)
+    runner.forward(seqs)
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - before
+    del runner, kv
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    budget = device_pool_bytes(total, free, peak, utilization)
+    if budget <= 0:
+        raise CacheError(f"no GPU memory left for the KV/adapter arena: "
+                         f"{utilization:.0%} of {total / 2**30:.1f} GiB is "
+                         f"{utilization * total / 2**30:.1f} GiB, {(total - free) / 2**30:.1f} "
+                         f"GiB are in use and a {max_batched_tokens}-token step peaks at "
+                         f"{peak / 2**30:.2f} GiB; raise --gpu-memory-utilization or lower "
+                         "--max-batched-tokens")
+    return budget
+
+
 class LLM:
     """A local model with LoRA adapters behind the FastLibra engine.
 
     `adapters` maps names to PEFT directories (each is read and checked here, then
     loaded on demand by the cache). `device_memory` / `host_memory` are bytes for the
-    device and host pools (default: 80 % of free GPU memory after the weights, or
-    256 MiB on CPU; host: the device size, at most 4 GiB).
+    device and host pools. Default device pool on CUDA: what is left of
+    `gpu_memory_utilization` x the GPU's memory after everything already on it (the
+    weights, other processes) and the peak of a profiled forward pass of
+    `max_num_batched_tokens` tokens over `max_num_seqs` sequences (vLLM's meaning); on CPU
+    256 MiB. Host pool: the device size, at most 4 GiB. `max_model_len` (prompt +
+    generated tokens) defaults to `DEFAULT_MAX_MODEL_LEN`, capped by the model's
+    position limit.
 
     vLLM's engine arguments mean here what they mean there: `max_loras` (distinct
     adapters in one batch; default no limit), `max_lora_rank`, `max_cpu_loras` (the host
     tier holds at most this many of the largest start-up adapter's size, and is grown to
-    hold them when its size is not given),
+    hold them when its size is not given), `gpu_memory_utilization`,
     `max_model_len`, `max_num_seqs`, `max_num_batched_tokens`, `block_size`, `dtype`
     ("auto" = bfloat16 on CUDA, float32 on CPU), `seed` (the RNG of unseeded requests),
     `enable_prefix_caching` (False = no KV kept across requests), `swap_space` (GiB of
@@ -246,7 +308,7 @@ class LLM:
                  max_loras: int | None = None, max_cpu_loras: int | None = None,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  swap_space: float | None = None, seed: int | None = None,
-                 tensor_parallel_size: int = 1) -> None:
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9) -> None:
         self._t0 = time.perf_counter()
         _check_engine_args(enable_lora, tensor_parallel_size, max_loras, max_cpu_loras)
         if swap_space is not None:
@@ -266,18 +328,15 @@ class LLM:
         self.weights = load_model(model, dtype=dt, device=dev)
         cfg = self.weights.config
         self.model_config = cfg
-        self.max_model_len = cfg.max_position_embeddings
-        if max_model_len is not None:
-            if not 1 < max_model_len <= cfg.max_position_embeddings:
-                raise ValueError(f"max_model_len={max_model_len} must be in 2.."
-                                 f"{cfg.max_position_embeddings} (the model's "
-                                 "max_position_embeddings)")
-            self.max_model_len = max_model_len
+        self.max_model_len = _max_model_len(max_model_len, cfg.max_position_embeddings)
         shape = cfg.shape(dtype_bytes=torch.empty((), dtype=dt).element_size())
         self.block_bytes = block_bytes = block_size * shape.kv_bytes_per_token
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]")
         if device_memory is None:
-            device_memory = (int(0.8 * torch.cuda.mem_get_info(dev)[0]) if dev.type == "cuda"
-                             else 256 * 2**20)
+            device_memory = (_profile_device_memory(self.weights, block_size, max_num_seqs,
+                                                    max_num_batched_tokens, gpu_memory_utilization)
+                             if dev.type == "cuda" else 256 * 2**20)
         host_given = host_memory is not None
         if host_memory is None:
             host_memory = min(device_memory, 4 * 2**30)

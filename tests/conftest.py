@@ -10,6 +10,7 @@ Prompts are written in blocks: `blocks(1, 2, 3)` is the 12 tokens
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ from fastlibra.config import CacheConfig, HardwareProfile, ModelShape, SwapperCo
 # tinymodels and llmsetup (tests/model), simfixtures (tests/sim), liveserver (tests/server).
 for _helpers in ("model", "sim", "server"):
     sys.path.insert(0, str(Path(__file__).parent / _helpers))
+
+# Triton kernels run in its interpreter on CPU; it must be chosen before triton is imported.
+if os.environ.get("FASTLIBRA_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BS = 4
 MODEL = ModelShape("tiny", num_layers=1, hidden_size=8, num_heads=2, num_kv_heads=1,

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
@@ -253,8 +254,11 @@ class ArenaMover:
         # Zeros, not empty: a block's unused tail (an adapter's last block) travels with
         # it and may later sit in a KV block's masked slots, where NaN garbage would
         # poison attention (masked weights are 0, but 0 * NaN is NaN).
-        self.host = torch.zeros((host_blocks, *data.shape[1:]), dtype=data.dtype,
-                                pin_memory=data.is_cuda)
+        self.host = torch.zeros((host_blocks, *data.shape[1:]), dtype=data.dtype)
+        self._unpin = None
+        if data.is_cuda and self.host.numel() > 0:
+            _register(self.host)
+            self._unpin = weakref.finalize(self, _unregister, self.host.data_ptr())
         self.adapter_paths: dict[str, Path] = {}
         self.layouts: dict[str, tuple[LoraAdapter, ArenaLayout]] = {}
         """Per adapter: its metadata (no tensors) and where its weights sit in blocks."""
@@ -305,9 +309,11 @@ class ArenaMover:
             self._timed(move, work, None)
             return now
         event = None
-        if self._stream is not None and move.kind is MoveKind.SWAP_OUT:
+        if self._stream is not None:
+            # A swap-out must see what the compute stream wrote so far; a swap-in or load
+            # must not overwrite blocks a step queued before it still reads.
             event = torch.cuda.Event()
-            event.record()  # the copy must see what the compute stream wrote so far
+            event.record()
         fut = self._worker.submit(self._timed, move, work, event)
         self._inflight = [f for f in self._inflight if not f.done()] + [fut]
         if move.kind is MoveKind.SWAP_OUT:
@@ -393,6 +399,9 @@ class ArenaMover:
         self.drain()
         if self._worker is not None:
             self._worker.shutdown()
+        if self._unpin is not None:
+            torch.cuda.synchronize(self.device)
+            self._unpin()  # at most once, here or when the mover is collected
 
     # -- blocks ---------------------------------------------------------------------------
     def _copy_blocks(self, move: Move, offset: int = 0) -> None:
@@ -402,13 +411,15 @@ class ArenaMover:
                              f"{len(move.dst_blocks)} destination blocks")
         dev = self.model.kv.data
         if move.kind is MoveKind.SWAP_OUT:
-            src = torch.tensor([b + offset for b in move.src_blocks], dtype=torch.long,
-                               device=self.device)
-            self.host[torch.tensor(move.dst_blocks, dtype=torch.long)] = dev[src].cpu()
+            pairs = [(b + offset, h) for b, h in zip(move.src_blocks, move.dst_blocks,
+                                                     strict=True)]
+            for d, h, n in _runs(pairs):  # straight into the (pinned) host arena
+                self.host[h:h + n].copy_(dev[d:d + n], non_blocking=True)
         elif move.kind is MoveKind.SWAP_IN:
-            dst = torch.tensor([b + offset for b in move.dst_blocks], dtype=torch.long,
-                               device=self.device)
-            dev[dst] = self.host[torch.tensor(move.src_blocks, dtype=torch.long)].to(self.device)
+            pairs = [(b + offset, h) for b, h in zip(move.dst_blocks, move.src_blocks,
+                                                     strict=True)]
+            for d, h, n in _runs(pairs):
+                dev[d:d + n].copy_(self.host[h:h + n], non_blocking=True)
         else:
             raise ValueError(f"{move.kind.value} is not a block copy (KV has no file on disk)")
 
@@ -460,11 +471,13 @@ class ArenaMover:
         """Read the adapter's file and pack it into `blocks` of `arena`."""
         _, layout = self.layouts[name]
         adapter = self.load_from(name, self.adapter_paths[name])
-        if arena.is_cuda:
-            staging = torch.zeros((len(blocks), self.model.kv.block_elems), dtype=arena.dtype)
+        if arena.is_cuda:  # staged in pinned memory, copied block run by block run
+            staging = torch.zeros((len(blocks), self.model.kv.block_elems), dtype=arena.dtype,
+                                  pin_memory=True)
             layout.write(adapter, list(staging))
-            arena[torch.tensor(blocks, dtype=torch.long, device=arena.device)] = \
-                staging.view(len(blocks), *arena.shape[1:]).to(arena.device)
+            staging = staging.view(len(blocks), *arena.shape[1:])
+            for d, i, n in _runs([(b, i) for i, b in enumerate(blocks)]):
+                arena[d:d + n].copy_(staging[i:i + n], non_blocking=True)
         else:
             layout.write(adapter, self._flat(arena, blocks))
 
@@ -521,6 +534,39 @@ class ArenaMover:
             node = cache.adapters.get(name)
             if node is None or node.tier is not Tier.HOST:
                 del self.on_host[name]
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(a, b) block pairs -> (a0, b0, n) runs where both sides are consecutive: one copy
+    per run instead of an index gather into a temporary."""
+    runs: list[tuple[int, int, int]] = []
+    for a, b in pairs:
+        if runs and runs[-1][0] + runs[-1][2] == a and runs[-1][1] + runs[-1][2] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((a, b, 1))
+    return runs
+
+
+_REGISTERED: dict[int, torch.Tensor] = {}
+"""Host arenas page-locked with CUDA, by address: held here so that their memory is
+never freed (and reused by a later allocation) while still registered."""
+
+
+def _register(host: torch.Tensor) -> None:
+    """Page-lock `host` in place so copies to and from it are asynchronous DMA. torch's
+    pinned allocator rounds every allocation up to a power of two (a 40 GB host arena
+    would pin 64 GB); registering the plain allocation pins exactly its bytes."""
+    err = int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.nbytes, 0))
+    if err != 0:
+        raise RuntimeError(f"cannot page-lock the {host.nbytes} byte host arena "
+                           f"(cudaHostRegister error {err}); lower --host-memory")
+    _REGISTERED[host.data_ptr()] = host
+
+
+def _unregister(ptr: int) -> None:
+    if _REGISTERED.pop(ptr, None) is not None:
+        torch.cuda.cudart().cudaHostUnregister(ptr)
 
 
 def _metadata(adapter: LoraAdapter) -> LoraAdapter:

@@ -30,18 +30,28 @@ One step (`ModelRunner.forward`):
       no mask at all when the batch needs none (equal-length decode or plain causal
       prefill); grouped KV heads are broadcast by SDPA, never copied
     logits of each sequence's last row (or every row), in the caller's order
+
+The kernel path (CUDA by default, `FASTLIBRA_KERNELS=triton` anywhere; see
+`kernels/step.py`) keeps the projections and the K/V write, and replaces the attention
+by one paged-attention launch that reads the arena in place, and the per-segment LoRA
+loop by one shrink and one expand launch over adapters resident in the arena.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from fastlibra.model.kernels import kernels_wanted, upload
 from fastlibra.model.loader import ModelConfig, ModelWeights
 from fastlibra.model.lora import LoraAdapter
+
+if TYPE_CHECKING:
+    from fastlibra.model.kernels.step import KernelStep, LoraSlots
 
 
 class KVCache:
@@ -194,6 +204,9 @@ class _Step:
     attn: dict[int | None, tuple[torch.Tensor | None, bool]]
     """window -> (mask [B, 1, Q, L] bool True = attend, or None; is_causal)."""
     last_rows: torch.Tensor  # [B] flat row of each sequence's last new token
+    kernel: KernelStep | None = None
+    """The kernel path's metadata (then `attn` and `tables` are unused, and `segments`
+    holds only adapters outside the arena)."""
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """[T, ...] rows -> [B, Q, ...] padded batch (padding rows are zero)."""
@@ -211,13 +224,28 @@ class _Step:
         return x[self.q_seq, self.q_idx]
 
 
+def _check_disjoint_writes(seqs: list[SeqInput], bs: int) -> None:
+    """No two sequences write the same KV slot (checked on host lists: no device sync)."""
+    written: dict[int, list[tuple[int, int]]] = {}  # block -> [(first, last) offset]
+    for s in seqs:
+        first, end = s.prefix_len, s.prefix_len + len(s.tokens)
+        for p in range(first - first % bs, end, bs):
+            lo, hi = max(p, first) - p, min(p + bs, end) - 1 - p
+            spans = written.setdefault(s.block_table[p // bs], [])
+            if any(lo <= b and a <= hi for a, b in spans):
+                raise ValueError("two new tokens of this step write the same KV slot; "
+                                 "sequences must not share blocks they are still filling")
+            spans.append((lo, hi))
+
+
 class ModelRunner:
     """Owns the weights, the KV arena and the device-resident adapters; computes steps.
     It makes no decisions: block tables and adapter residency come from the cache.
     On CPU it relays `weights.lm_head` out column-major (same values) and keeps
-    oneDNN-prepacked copies of the projections (see `PACK_CPU_LINEARS`)."""
+    oneDNN-prepacked copies of the projections (see `PACK_CPU_LINEARS`). `kernels`: the
+    Triton kernel path or the torch one (None: `kernels_wanted`)."""
 
-    def __init__(self, weights: ModelWeights, kv: KVCache) -> None:
+    def __init__(self, weights: ModelWeights, kv: KVCache, kernels: bool | None = None) -> None:
         self.w = weights
         self.cfg = weights.config
         self.kv = kv
@@ -235,6 +263,11 @@ class ModelRunner:
                 self._packed = _pack_linears(weights)
         self._attn_dtype = torch.float32 if CPU_ATTENTION_FP32 and cpu else weights.dtype
         self._lora_dtype = torch.float32 if CPU_LORA_FP32 and cpu else weights.dtype
+        self.slots: LoraSlots | None = None
+        """Set on the kernel path: the arena adapters' offset tables."""
+        if kernels if kernels is not None else kernels_wanted(weights.device):
+            from fastlibra.model.kernels.step import LoraSlots
+            self.slots = LoraSlots(self.cfg, kv.data)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         if adapter.name in self.adapters:
@@ -242,10 +275,14 @@ class ModelRunner:
         self.adapters[adapter.name] = adapter
         self._lora[adapter.name] = {key: [(a.t(), bt) for a, bt in parts]
                                     for key, parts in adapter.parts.items()}
+        if self.slots is not None:
+            self.slots.add(adapter)
 
     def remove_adapter(self, name: str) -> None:
         del self.adapters[name]
         del self._lora[name]
+        if self.slots is not None:
+            self.slots.remove(name)
 
     # -- public entry points -------------------------------------------------------------
     @torch.inference_mode()
@@ -256,7 +293,7 @@ class ModelRunner:
         step = self._prepare(seqs)
         logits = self._logits(self._hidden(step)[step.last_rows])
         out = torch.empty_like(logits)
-        out[step.order] = logits
+        out[upload(step.order, torch.long, logits.device)] = logits
         return out
 
     @torch.inference_mode()
@@ -305,37 +342,44 @@ class ModelRunner:
         uniform = min(lengths) == max(lengths)
 
         # Row r belongs to sequence q_seq[r], is its q_idx[r]-th new token, at position pos[r].
-        lengths_t = torch.tensor(lengths, device=dev)
+        lengths_t = upload(lengths, torch.long, dev)
         ends = lengths_t.cumsum(0)
-        q_seq = torch.repeat_interleave(torch.arange(b, device=dev), lengths_t)  # [T]
-        q_idx = torch.arange(int(ends[-1]), device=dev) - (ends - lengths_t)[q_seq]  # [T]
-        pos = torch.tensor(prefixes, device=dev)[q_seq] + q_idx  # [T]
+        q_seq = torch.repeat_interleave(torch.arange(b, device=dev), lengths_t,
+                                        output_size=sum(lengths))  # [T]
+        q_idx = torch.arange(sum(lengths), device=dev) - (ends - lengths_t)[q_seq]  # [T]
+        pos = upload(prefixes, torch.long, dev)[q_seq] + q_idx  # [T]
 
         need = -(-l_max // bs)  # block-table columns covering the longest context
-        tables = torch.tensor([list(s.block_table[:need])
-                               + [s.block_table[0]] * (need - len(s.block_table))
-                               for s in sorted_seqs], dtype=torch.long, device=dev)
+        tables = upload([list(s.block_table[:need])
+                         + [s.block_table[0]] * (need - len(s.block_table))
+                         for s in sorted_seqs], torch.long, dev)
         write_block, write_off = tables[q_seq, pos // bs], pos % bs  # [T], [T]
-        if torch.unique(write_block * bs + write_off).numel() != len(pos):
-            raise ValueError("two new tokens of this step write the same KV slot; "
-                             "sequences must not share blocks they are still filling")
+        _check_disjoint_writes(sorted_seqs, bs)
 
         freqs = pos[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        ids = torch.tensor([t for s in sorted_seqs for t in s.tokens], dtype=torch.long,
-                           device=dev)
-        stale = None
-        if any(prefixes) and min(ctx_lens) < l_max:
+        ids = upload([t for s in sorted_seqs for t in s.tokens], torch.long, dev)
+        segments = self._segments(sorted_seqs, lengths)
+        kernel = None
+        if self.slots is not None:
+            from fastlibra.model.kernels.step import KernelStep
+            in_arena = [(s, e, ad.name) for s, e, ad in segments if ad.name in self.slots.slot]
+            segments = [seg for seg in segments if seg[2].name not in self.slots.slot]
+            kernel = KernelStep(lengths, ctx_lens, [s.block_table for s in sorted_seqs],
+                                in_arena, self.slots, self.cfg, bs)
+        stale = None  # the kernel path masks its loads instead
+        if kernel is None and any(prefixes) and min(ctx_lens) < l_max:
             rows = [i * need * bs + p for i, n in enumerate(ctx_lens)
                     for p in range(n, min(-(-n // bs) * bs, l_max))]
-            stale = torch.tensor(rows, dtype=torch.long, device=dev) if rows else None
-        step = _Step(order=order, segments=self._segments(sorted_seqs, lengths),
+            stale = upload(rows, torch.long, dev) if rows else None
+        step = _Step(order=order, segments=segments,
                      lengths=lengths, ids=ids, cos=emb.cos().to(self.w.dtype),
                      sin=emb.sin().to(self.w.dtype), write_block=write_block,
                      write_off=write_off, uniform=uniform, q_seq=q_seq, q_idx=q_idx,
                      tables=tables if any(prefixes) else None, ctx_len=l_max,
-                     stale=stale, attn={}, last_rows=ends - 1)
-        step.attn = self._attn_masks(step, pos, ctx_lens, prefixes)
+                     stale=stale, attn={}, last_rows=ends - 1, kernel=kernel)
+        if kernel is None:
+            step.attn = self._attn_masks(step, pos, ctx_lens, prefixes)
         return step
 
     def _segments(self, sorted_seqs: list[SeqInput],
@@ -405,6 +449,8 @@ class ModelRunner:
         packed = self._packed.get((layer, module))
         y = F.linear(x, getattr(lw, module), lw.biases.get(module)) if packed is None \
             else _packed_linear(x, packed, lw.biases.get(module))
+        if step.kernel is not None:
+            step.kernel.lora(layer, module, x, y)
         d = self._lora_dtype  # see CPU_LORA_FP32
         for start, end, ad in step.segments:
             parts = self._lora[ad.name].get((layer, module))
@@ -450,6 +496,10 @@ class ModelRunner:
 
         self.kv.k(layer)[step.write_block, step.write_off] = k
         self.kv.v(layer)[step.write_block, step.write_off] = v
+        if step.kernel is not None:
+            out = step.kernel.attention(q, self.kv.k(layer), self.kv.v(layer),
+                                        cfg.sliding_windows[layer])
+            return self._linear(layer, "o_proj", out.view(t, nh * hd), step)
         keys, vals = self._context(layer, k, v, step)  # [B, nkv, L, hd]
         # KV head g serves query heads g*rep .. g*rep+rep-1 (SDPA broadcasts, no copy).
         mask, causal = step.attn[cfg.sliding_windows[layer]]

@@ -324,13 +324,13 @@ class Sampler:
         """Greedy rows by argmax, the others by temperature, top-k, top-p."""
         out: list[int | Exception] = [0] * len(params)
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if greedy:
-            for i, tok in zip(greedy, logits[greedy].argmax(-1).tolist(), strict=True):
-                out[i] = tok
-        rest = [i for i, p in enumerate(params) if not p.greedy]
-        if not rest:
-            return out
+        if len(greedy) == len(params):  # no index lists to upload
+            return logits.argmax(-1).tolist()
         vocab, dev = logits.shape[-1], logits.device
+        picks = torch.zeros(len(params), dtype=torch.long, device=dev)
+        if greedy:
+            picks[greedy] = logits[greedy].argmax(-1)
+        rest = [i for i, p in enumerate(params) if not p.greedy]
         temps = torch.tensor([params[i].temperature for i in rest], device=dev)
         x = logits[rest].float() / temps[:, None]
         # Sorted descending (ties keep index order, so top_k=1 is the argmax).
@@ -346,10 +346,12 @@ class Sampler:
         for j, i in enumerate(rest):
             try:
                 g = self._generator(keys[i], params[i], dev)
-                out[i] = int(idx[j, torch.multinomial(probs[j], 1, generator=g)])
+                picks[i:i + 1] = idx[j, torch.multinomial(probs[j], 1, generator=g)]
             except RuntimeError as e:
                 out[i] = e
-        return out
+        # The step's one host sync (a per-row int() would wait for the GPU once per row).
+        return [o if isinstance(o, Exception) else t
+                for o, t in zip(out, picks.tolist(), strict=True)]
 
 
 class IncrementalDetokenizer:

@@ -94,6 +94,8 @@ class ServerConfig:
     max_request_bytes: int = 8 * 2**20
     """Request bodies above this are refused (413) before they are read on: 8 MiB holds
     a 128k-token prompt as text or as token ids with room to spare."""
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         for name in self.adapters:
@@ -117,7 +119,8 @@ class ServerConfig:
                   policy=self.policy, dtype=self.dtype, device=self.device,
                   block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                   max_num_batched_tokens=self.max_batched_tokens,
-                  max_lora_rank=self.max_lora_rank) | self.engine_args
+                  max_lora_rank=self.max_lora_rank, max_model_len=self.max_model_len,
+                  gpu_memory_utilization=self.gpu_memory_utilization) | self.engine_args
         llm = LLM(self.model_dir, dict(self.adapters), **kw)
         if self.chat_template is not None:
             if llm.tokenizer is None:

@@ -16,13 +16,20 @@ from dataclasses import replace
 import pytest
 import torch
 from llmsetup import served_setup, text, word
-from tinymodels import DEVICE, tokens
+from tinymodels import DEVICE, make_model, tokens
 
 from fastlibra.cache import CacheError, RequestTooLarge, Tier, UnknownAdapter
 from fastlibra.cache.pool import BlockKind
 from fastlibra.cache.tree import KVNode
 from fastlibra.cli import main
-from fastlibra.llm import LLM, AsyncLLM, LoRARequest, PromptTooLong
+from fastlibra.llm import (
+    DEFAULT_MAX_MODEL_LEN,
+    LLM,
+    AsyncLLM,
+    LoRARequest,
+    PromptTooLong,
+    device_pool_bytes,
+)
 from fastlibra.model.sampling import SamplingParams, SamplingParamsError
 
 torch.set_num_threads(1)
@@ -38,7 +45,9 @@ def served(tmp_path_factory):
 
 def poison_kv(llm: LLM) -> None:
     """Overwrite every device block that is not an adapter's (adapters live in the same
-    arena: their blocks must survive)."""
+    arena: their blocks must survive), once the copies in flight are done: the arena is
+    reused after its swap-outs, as the runner orders it."""
+    llm.mover.drain()
     pool = llm.cache.device_kv_pool
     kv = [b for b in range(pool.capacity) if pool.owner(b) is not BlockKind.ADAPTER]
     llm.runner.kv.data[kv] = torch.randn_like(llm.runner.kv.data[kv]) * 10
@@ -186,6 +195,31 @@ def test_unknown_adapter_and_too_long_prompt(served, capsys):
               "--device-memory", "64KiB", "--device", "cpu"])
     assert e.value.code == 2
     assert "unknown adapter 'zz'" in capsys.readouterr().err
+
+
+def test_max_model_len_defaults_below_a_long_position_limit(served, tmp_path):
+    """A model declaring 16,384 positions serves DEFAULT_MAX_MODEL_LEN (8,192) unless told
+    otherwise; a shorter max_model_len is enforced with an error naming it, and a longer
+    one than the model's positions is refused."""
+    long = make_model(tmp_path / "long", max_position_embeddings=16384)
+    assert LLM(long, device_memory=64 * KIB, device=DEVICE).max_model_len == DEFAULT_MAX_MODEL_LEN
+    assert LLM(long, device_memory=64 * KIB, device=DEVICE,
+               max_model_len=12000).max_model_len == 12000
+    llm = make_llm(served, max_model_len=64)
+    with pytest.raises(PromptTooLong, match=r"70 tokens but the model's context is 64 tokens "
+                                            r"\(max_model_len\)"):
+        llm.generate(tokens(70, 3))
+    (out,) = llm.generate(tokens(60, 3), sampling_params=replace(GREEDY, max_tokens=10))
+    assert len(out.token_ids) == 4 and out.finish_reason == "length"  # 60 + 4 = 64
+    with pytest.raises(ValueError, match=r"max_model_len=300 must be an integer in 2..256"):
+        make_llm(served, max_model_len=300)
+
+
+def test_device_pool_is_what_the_utilization_leaves_after_use_and_peak():
+    gib = 2**30
+    # 80 GiB GPU, 0.9 -> 72 GiB; 17 GiB in use (weights, context); 3 GiB step peak
+    assert device_pool_bytes(80 * gib, 63 * gib, 3 * gib, 0.9) == 52 * gib
+    assert device_pool_bytes(80 * gib, 10 * gib, 3 * gib, 0.9) < 0  # nothing left: an error
 
 
 def test_async_stream_and_abort_frees_blocks_at_once(served):

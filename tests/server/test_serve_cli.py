@@ -146,9 +146,8 @@ def _cli_error(capsys, *argv: str) -> str:
 
 
 def test_vllm_flags_we_cannot_honour_are_errors_naming_them(capsys, tmp_path):
-    err = _cli_error(capsys, "serve", str(tmp_path), "--gpu-memory-utilization", "0.9")
-    assert "--gpu-memory-utilization (a vLLM flag) is not supported" in err
-    assert "--device-memory" in err
+    err = _cli_error(capsys, "serve", str(tmp_path), "--kv-cache-dtype", "fp8")
+    assert "--kv-cache-dtype (a vLLM flag) is not supported: KV is stored in --dtype" in err
     err = _cli_error(capsys, "serve", str(tmp_path), "--tensor-parallel-size", "2")
     assert "--tensor-parallel-size 2" in err and "one device" in err
     err = _cli_error(capsys, "serve", str(tmp_path), "--lora-modules",
