@@ -233,7 +233,8 @@ def test_dynamic_loading_is_off_without_a_root(root):
 def test_unloading_an_adapter_in_use_lets_its_requests_finish(server, client):
     assert post(server, "/v1/load_lora_adapter",
                 {"lora_name": "busy", "lora_path": "dyn"}).status_code == 200
-    stream = client.completions.create(model="busy", prompt="w005 w006", max_tokens=40,
+    # 200 tokens: the unload must land while the stream still runs, on a loaded machine too
+    stream = client.completions.create(model="busy", prompt="w005 w006", max_tokens=200,
                                        temperature=0, extra_body=NO_EOS, stream=True)
     first = next(iter(stream))
     resp = post(server, "/v1/unload_lora_adapter", {"lora_name": "busy"})
@@ -242,7 +243,7 @@ def test_unloading_an_adapter_in_use_lets_its_requests_finish(server, client):
         client.completions.create(model="busy", prompt="w005", max_tokens=2)
     rest = list(stream)
     text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
-    assert len(text.split()) == 40 and rest[-1].choices[0].finish_reason == "length"
+    assert len(text.split()) == 200 and rest[-1].choices[0].finish_reason == "length"
     server.wait_idle()
     assert "busy" not in server.llm.cache.adapters
     server.engine.call(server.llm.cache.check_invariants).result()
