@@ -151,6 +151,9 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=_positive(int), default=2048)
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
                         default=True, help="keep KV for later requests (default on)")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="price cache misses with the default hardware profile instead "
+                        "of measuring this machine at start-up")
     parser.add_argument("--tensor-parallel-size", "-tp", type=_positive(int), default=1,
                         help="only 1: one engine runs on one device")
     for flag, hint in VLLM_REFUSED.items():
@@ -178,7 +181,7 @@ def _llm_args(args) -> dict:
                 max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 enable_prefix_caching=args.enable_prefix_caching,
-                gpu_memory_utilization=args.gpu_memory_utilization)
+                gpu_memory_utilization=args.gpu_memory_utilization, calibrate=args.calibrate)
 
 
 def _named_adapters(modules: list[tuple[str, str, str | None]]) -> dict[str, str]:

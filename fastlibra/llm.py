@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from fastlibra.cache import CacheError, CacheManager, Policy, UnknownAdapter, get_policy
-from fastlibra.config import CacheConfig, SchedulerConfig
+from fastlibra.calibrate import Calibration
+from fastlibra.config import CacheConfig, HardwareProfile, SchedulerConfig
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.request import Request, RequestState
 from fastlibra.model.executor import ArenaMover, ModelExecutor, RequestFailed
@@ -288,7 +289,9 @@ class LLM:
     `max_num_batched_tokens` tokens over `max_num_seqs` sequences (vLLM's meaning); on CPU
     256 MiB. Host pool: the device size, at most 4 GiB. `max_model_len` (prompt +
     generated tokens) defaults to `DEFAULT_MAX_MODEL_LEN`, capped by the model's
-    position limit.
+    position limit. The cache's cost model prices misses with `hardware` (default
+    `HardwareProfile()`) as measured on this machine at start-up and refined while
+    serving (`calibrate.py`), or exactly as given with `calibrate=False`.
 
     vLLM's engine arguments mean here what they mean there: `max_loras` (distinct
     adapters in one batch; default no limit), `max_lora_rank`, `max_cpu_loras` (the host
@@ -308,7 +311,8 @@ class LLM:
                  max_loras: int | None = None, max_cpu_loras: int | None = None,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True,
                  swap_space: float | None = None, seed: int | None = None,
-                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9) -> None:
+                 tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
+                 hardware: HardwareProfile | None = None, calibrate: bool = True) -> None:
         self._t0 = time.perf_counter()
         _check_engine_args(enable_lora, tensor_parallel_size, max_loras, max_cpu_loras)
         if swap_space is not None:
@@ -347,12 +351,18 @@ class LLM:
         host_blocks = max(0, host_memory) // block_bytes
 
         self.runner = ModelRunner(self.weights, KVCache(cfg, device_blocks, block_size, dt, dev))
+        hardware = hardware or HardwareProfile()
+        self.calibration = Calibration.measure(self.runner, hardware) if calibrate \
+            else Calibration(hardware, measured=False)
         self.mover = ArenaMover(self.runner, host_blocks, max_rank=max_lora_rank,
-                                clock=self._clock)
+                                hardware=self.calibration.profile, clock=self._clock)
         for name in adapters or {}:
             check_adapter_name(name)
+        t_read = time.perf_counter()
         sizes = {name: self.mover.read_adapter(name, path)  # read and check each one now
                  for name, path in (adapters or {}).items()}
+        self.calibration.observe_reads(sum(sizes.values()), time.perf_counter() - t_read)
+        self.mover.hw = self.calibration.profile
         host_adapter_blocks = None  # vLLM's max_cpu_loras, in blocks
         if max_cpu_loras is not None and sizes:
             host_adapter_blocks = max_cpu_loras * -(-max(sizes.values()) // block_bytes)
@@ -365,8 +375,11 @@ class LLM:
                 self.mover.resize_host(host_blocks)
         self.cache = CacheManager(CacheConfig(model=shape, device_blocks=device_blocks,
                                               host_blocks=host_blocks, block_size=block_size,
-                                              host_adapter_blocks=host_adapter_blocks),
+                                              host_adapter_blocks=host_adapter_blocks,
+                                              hardware=self.calibration.profile),
                                   policy, mover=self.mover)
+        self.calibration.attach(self.cache.cost)
+        log.info(self.calibration.describe())
         if self.cache.device_adapter_pool is not self.cache.device_kv_pool:
             self.mover.adapter_block_offset = self.cache.device_kv_pool.capacity
         for name, nbytes in sizes.items():
@@ -381,6 +394,7 @@ class LLM:
                          if self.tokenizer is not None else None)
         self.executor = ModelExecutor(self.runner, self._alloc, Sampler(eos, self.grammars),
                                       clock=self._clock, wait_for=self.mover.wait_for)
+        self.executor.on_step = self.calibration.observe_step
         self.engine = Engine(scheduler_config(max_num_seqs, max_num_batched_tokens, max_loras),
                              self.cache, self.executor)
         self._ids = itertools.count()
@@ -584,6 +598,7 @@ class LLM:
             if new:
                 out.append(Delta(rid, *tr.take_delta(), finish_reason=tr.finish_reason))
         self.mover.forget_dropped(self.cache)  # adapters the step dropped (no move)
+        self.calibration.refresh(self.mover.bandwidth, self.mover.load_s_per_byte)
         return out
 
     def _end_failed(self) -> list[Delta]:

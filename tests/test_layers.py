@@ -17,8 +17,9 @@ BELOW = {
     "traces": {"workloads", "engine", "config"},
     "sim": {"engine", "cache", "config"},
     "model": {"engine", "cache", "config"},
-    "llm": {"model", "engine", "cache", "config"},
-    "server": {"llm", "model", "engine", "cache", "config"},
+    "calibrate": {"model", "cache", "config"},
+    "llm": {"calibrate", "model", "engine", "cache", "config"},
+    "server": {"llm", "calibrate", "model", "engine", "cache", "config"},
 }
 TOP = {"bench", "demo", "cli"}  # drivers: may import anything below them
 NO_TORCH = {"config", "cache", "engine", "sim", "workloads", "traces"}

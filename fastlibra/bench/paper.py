@@ -1,7 +1,9 @@
 """`fastlibra bench paper`: the paper's evaluation grid on the simulator.
 
     cells = model/GPU pairs x workloads x adapter counts x request rates
-    runs  = per cell: fastlibra, vllm, slora, sglang, fastlibra-nodep, fastlibra-lru,
+    runs  = per cell: fastlibra, vllm, vllm-offload, slora, sglang, sglang-hicache,
+            fastlibra-nodep, fastlibra-lru, fastlibra-paper and its four ablations (one
+            Eval term off each),
             vllm-oracle (vllm's static adapter share swept) and the lower bound
             (fastlibra with unlimited device memory)
 
@@ -71,11 +73,16 @@ ORACLE_FIRST_BATCH = 3
 FASTLIBRA = "fastlibra"
 ORACLE = "vllm-oracle"
 LOWER_BOUND = "lower-bound"
+PAPER = "fastlibra-paper"
+PAPER_ABLATIONS = tuple(f"{PAPER}-no-{t}" for t in ("lora", "transfer", "visit", "recency"))
+PAPER_ABLATION_TTFT = {f"{PAPER}-no-lora": 1.21, f"{PAPER}-no-transfer": 1.19,
+                       f"{PAPER}-no-visit": 1.25, f"{PAPER}-no-recency": 1.21}
+"""The paper's own ablation table: mean TTFT without each Eval term / with all of them."""
 RUN_POLICIES = ("fastlibra", "vllm", "vllm-offload", "slora", "sglang", "sglang-hicache",
-                "fastlibra-nodep", "fastlibra-lru")
+                "fastlibra-nodep", "fastlibra-lru", PAPER, *PAPER_ABLATIONS)
 ALL_POLICIES = RUN_POLICIES + (ORACLE, LOWER_BOUND)
 OTHERS = ("vllm", "vllm-offload", "slora", "sglang", "sglang-hicache", ORACLE,
-          "fastlibra-nodep", "fastlibra-lru")
+          "fastlibra-nodep", "fastlibra-lru", PAPER)
 WORKLOADS = ("chatbot", "translation", "agent")
 ADAPTERS_FULL = (20, 50, 100, 200)
 ADAPTERS_QUICK = (20, 100)
@@ -451,6 +458,23 @@ def peak_loads(cells: list[dict]) -> dict[str, dict[str, dict]]:
     return out
 
 
+def paper_ablations(cells: list[dict]) -> dict[str, dict]:
+    """Each Eval term's share, as the paper reports it: mean TTFT of fastlibra-paper
+    without the term over fastlibra-paper's (geometric mean over cells, and of means)."""
+    out = {}
+    full = [c["policies"][PAPER]["ttft_mean"] for c in cells]
+    for p in PAPER_ABLATIONS:
+        ablated = [c["policies"][p]["ttft_mean"] for c in cells]
+        ratios = _finite(a / f for a, f in zip(ablated, full, strict=True) if a and f)
+        mean_full, mean_ablated = _mean(full), _mean(ablated)
+        out[p] = {"ttft_ratio_geomean": float(np.exp(np.mean(np.log(ratios))))
+                  if ratios else None,
+                  "ttft_ratio_of_means": mean_ablated / mean_full
+                  if mean_full and mean_ablated is not None else None,
+                  "paper": PAPER_ABLATION_TTFT[p]}
+    return out
+
+
 def summarize(cells: list[dict]) -> dict:
     peaks = peak_loads(cells)
     vs = {o: _reductions(cells, o) for o in OTHERS}
@@ -486,6 +510,7 @@ def summarize(cells: list[dict]) -> dict:
         "threshold_s": THRESHOLD_S,
         "cells": len(cells),
         "vs": vs,
+        "paper_ablations": paper_ablations(cells),
         "by_pair": by_pair,
         "by_workload": by_workload,
         "peak_load": peaks,
@@ -502,13 +527,18 @@ def summarize(cells: list[dict]) -> dict:
 
 SHORT = {"fastlibra": "fastlibra", "vllm": "vllm", ORACLE: "oracle", "slora": "slora",
          "sglang": "sglang", "fastlibra-nodep": "nodep", "fastlibra-lru": "lru",
+         PAPER: "paper", **{p: "p-" + p.rsplit("-", 1)[1][:5] for p in PAPER_ABLATIONS},
          LOWER_BOUND: "lower-bd"}
 CELL_ORDER = ("fastlibra", "vllm", ORACLE, "slora", "sglang", "fastlibra-nodep",
-              "fastlibra-lru", LOWER_BOUND)
+              "fastlibra-lru", PAPER, *PAPER_ABLATIONS, LOWER_BOUND)
 
 
 def _ms(x: float | None) -> str:
     return "nan" if x is None or not math.isfinite(x) else f"{x * 1e3:.0f}"
+
+
+def _x(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _pct(x: float | None) -> str:
@@ -556,6 +586,10 @@ def summary_lines(summary: dict) -> list[str]:
     lines.append(f"gap to the lower bound (fastlibra / unlimited-memory fastlibra - 1): mean TTFT "
                  f"{_pct(g['mean_ttft_gap'])} per cell, {_pct(g['mean_ttft_gap_of_means'])} of "
                  f"means; P99 {_pct(g['p99_ttft_gap'])} per cell")
+    lines.append("fastlibra-paper ablations (mean TTFT without the term / with it; geometric "
+                 "mean over cells, of means, the paper's):")
+    lines += [f"  {p:28s} x{_x(a['ttft_ratio_geomean'])} x{_x(a['ttft_ratio_of_means'])} "
+              f"(paper x{a['paper']:.2f})" for p, a in summary["paper_ablations"].items()]
     lines.append("peak load (req/s with mean TTFT < 500 ms, interpolated; '>=' / '<' = beyond "
                  "the measured rates):")
     lines.append(f"  {'group':44s}" + "".join(f" {SHORT[p]:>9s}" for p in CELL_ORDER))
@@ -624,6 +658,12 @@ def markdown_section(doc: dict) -> str:
     lines += ["", f"Gap to the lower bound (fastlibra / unlimited memory - 1): mean TTFT "
               f"{_pct(g['mean_ttft_gap'])} per cell ({_pct(g['mean_ttft_gap_of_means'])} of "
               f"means), P99 TTFT {_pct(g['p99_ttft_gap'])} per cell.", ""]
+    lines += ["fastlibra-paper without each Eval term: mean TTFT over fastlibra-paper's "
+              "(geometric mean over cells; of means), beside the paper's own ablation.", ""]
+    lines += _md_table(["ablation", "x TTFT (geomean)", "x TTFT (of means)", "paper"],
+                       [[p, f"x{_x(a['ttft_ratio_geomean'])}", f"x{_x(a['ttft_ratio_of_means'])}",
+                         f"x{a['paper']:.2f}"] for p, a in s["paper_ablations"].items()])
+    lines.append("")
     odd = [(o, x) for o, v in s["vs"].items() for x in v["cells_where_better_than_fastlibra"]]
     if odd:
         lines += ["Cells where another policy's mean TTFT is more than 1% below fastlibra's:", ""]

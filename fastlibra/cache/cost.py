@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 from fastlibra.cache.pool import Tier
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
-from fastlibra.config import CacheConfig
+from fastlibra.config import CacheConfig, HardwareProfile
 
 MEAN_WEIGHT = 1 / 256
 """Weight of one observation in each running mean the model learns (KV re-reference gaps,
@@ -128,6 +128,12 @@ class CostModel:
         self._ghosts: OrderedDict[tuple[int, tuple[int, ...]], float] = OrderedDict()
         """(parent id, first block) of dropped KV nodes -> their last use."""
 
+    def set_hardware(self, hw: HardwareProfile) -> None:
+        """Price misses with a re-measured profile from now on (every key is rebuilt)."""
+        self.hw = hw
+        self.block_h2d_s = hw.h2d_time(self.cfg.block_bytes)
+        self._rekey()
+
     def learned(self) -> dict[str, float]:
         """What this run taught the model, for reports (`fastlibra simulate` prints it)."""
         return {"learned_half_life_s": self.half_life.value,
@@ -151,6 +157,7 @@ class CostModel:
         timed = isinstance(node, KVNode)
         node.freq = node.freq * math.exp(-self.half_life.rate * gap) + 1.0
         node.t_last = now
+        node.visits += 1
         if isinstance(node, KVNode) and node.speculative:
             self._observe_leaf(node, reused=True)
         if timed and gap > 0:
@@ -215,6 +222,7 @@ class CostModel:
         node.speculative = share < 1.0  # learn from every such leaf, whatever the floor
         node.freq = max(1.0 if "leaf-floor" in self.without else self.leaf_reuse, share)
         node.t_last = now
+        node.visits = 1
 
     def reuse_rate(self, node: Node, now: float) -> float:
         return node.freq * math.exp(-self.half_life.rate * max(0.0, now - node.t_last))

@@ -25,7 +25,7 @@ from fastlibra.cache import tree as T
 from fastlibra.cache.cost import CostModel
 from fastlibra.cache.policies import Policy, get_policy
 from fastlibra.cache.pool import BlockKind, BlockPool, Tier
-from fastlibra.cache.swapper import CountingMover, Move, MoveKind, Mover, Swapper
+from fastlibra.cache.swapper import CountingMover, Move, MoveKind, Mover
 from fastlibra.cache.tree import AdapterNode, KVNode, Node
 from fastlibra.config import CacheConfig
 
@@ -140,7 +140,7 @@ class CacheManager:
 
         self.cost = CostModel(cfg, host_keeps_kv=self.policy.host_kv and cfg.host_blocks > 0,
                               without=self.policy.cost_without)
-        self.swapper = Swapper(self, self.policy, self.cost, cfg.swapper)
+        self.swapper = self.policy.swapper_class(self, self.policy, self.cost, cfg.swapper)
         self.mover: Mover = mover if mover is not None else CountingMover()
         self.stats = CacheStats()
 
@@ -332,7 +332,7 @@ class CacheManager:
         nbytes = sum(n.num_blocks for n in nodes) * self.cfg.block_bytes
         wait = self.mover.estimate(MoveKind.SWAP_IN, nbytes, now) - now
         tokens = sum(len(n.tokens) for n in nodes)
-        return wait <= self.cfg.hardware.prefill_time(tokens, nodes[0].prefix_len)
+        return wait <= self.cost.hw.prefill_time(tokens, nodes[0].prefix_len)
 
     def append(self, alloc: Allocation, num_tokens: int, now: float) -> bool:
         """Grow a running request to hold `num_tokens` tokens of KV. False = preempt someone."""

@@ -13,6 +13,8 @@ traits, so the core has no `if policy == ...` chains.
 | sglang          | static share, LRU        | radix    | no         | adapters               | LRU     |
 | sglang-hicache  | as sglang                | radix    | no         | + KV, write-through    | LRU     |
 | slora           | unified pool, on demand  | none     | n/a        | adapters               | LRU     |
+| fastlibra-paper | unified pool             | tree     | yes        | adapters + KV          | Eval    |
+| fastlibra-paper-no-{lora,transfer,visit,recency} | as fastlibra-paper, one Eval term off | | | | |
 
 Every policy starts from the same state (adapters in host memory, `CacheConfig.
 adapters_in_host`) with the same budgets. What each baseline models and leaves out is in
@@ -27,7 +29,10 @@ also stored to host memory as they are computed. SGLang sizes a LoRA memory pool
 `max_loras_per_batch` adapters (expressed here as the same device share, so the two differ
 only in KV handling) beside a per-adapter radix cache with LRU leaf eviction; HiCache adds
 a host tier written through. S-LoRA pages adapters and KV in one unified pool but frees a
-request's KV when it ends.
+request's KV when it ends. `fastlibra-paper` is the paper's own Eval
+(`cache/paper_eval.py`), re-scored every 100 ms, on the same pool, tree and swapper as
+`fastlibra`; its four ablations each turn one of Eval's terms off, as the paper's ablation
+table does.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from fastlibra.cache.cost import MECHANISMS, CostModel, lru_key
+from fastlibra.cache.paper_eval import EvalTerms, PaperSwapper
 from fastlibra.cache.pool import Tier
+from fastlibra.cache.swapper import Swapper
 from fastlibra.cache.tree import Node
 
 RankKey = Callable[[CostModel, Node, Tier], tuple[int, float]]
@@ -54,8 +61,9 @@ def _lru_rank(cost: CostModel, node: Node, tier: Tier) -> tuple[int, float]:
 class Policy:
     name: str
     summary: str
-    rank: RankKey
-    """Lower key = evicted first, higher = prefetched first; changes only when a node does."""
+    rank: RankKey | None
+    """Lower key = evicted first, higher = prefetched first; changes only when a node does.
+    None for a policy ranked by `eval_terms`."""
     dependency_aware: bool
     """I1 across the adapter -> KV edge: an adapter leaves a tier only after its KV."""
     reuse_kv: bool
@@ -88,6 +96,14 @@ class Policy:
     offloading connector, LMCache), so evicting it to host frees its device blocks at
     once; otherwise a swap-out's blocks are reusable only when its copy is done."""
 
+    eval_terms: EvalTerms | None = None
+    """Rank by the paper's Eval with these terms (`cache/paper_eval.py`), re-scored every
+    100 ms, instead of by `rank`."""
+
+    @property
+    def swapper_class(self) -> type[Swapper]:
+        return Swapper if self.eval_terms is None else PaperSwapper
+
     @property
     def ranks_by_decay(self) -> bool:
         """The ranking reads the cost model's decay rate, so its keys go stale when the
@@ -97,6 +113,8 @@ class Policy:
     def __post_init__(self) -> None:
         if self.adapter_share is not None and not 0 < self.adapter_share < 1:
             raise ValueError(f"policy {self.name}: adapter_share must be in (0, 1)")
+        if (self.rank is None) == (self.eval_terms is None):
+            raise ValueError(f"policy {self.name}: give exactly one of rank and eval_terms")
 
 
 VLLM = Policy("vllm", "vLLM v1: max_loras slots (20% share), max_cpu_loras = max_loras, "
@@ -107,6 +125,12 @@ VLLM = Policy("vllm", "vLLM v1: max_loras slots (20% share), max_cpu_loras = max
 SGLANG = Policy("sglang", "static LoRA pool, per-adapter radix cache with LRU leaf eviction",
                 _lru_rank, dependency_aware=False, reuse_kv=True, host_kv=False, swapper=False,
                 adapter_share=0.2)
+_PAPER_VARIANTS = [
+    ("", "the paper's Eval (LoRA_Eval x transfer x visit x recency), re-scored every 100 ms",
+     EvalTerms()),
+    *((f"-no-{term}", f"fastlibra-paper without Eval's {term} term (ablation)",
+       EvalTerms(**{term: False})) for term in ("lora", "transfer", "visit", "recency")),
+]
 
 POLICIES: dict[str, Policy] = {
     p.name: p
@@ -125,11 +149,15 @@ POLICIES: dict[str, Policy] = {
                 summary="sglang plus HiCache: a host KV tier written through, LRU"),
         Policy("slora", "unified pool, adapters on demand (LRU), no KV reuse across requests",
                _lru_rank, dependency_aware=False, reuse_kv=False, host_kv=False, swapper=False),
+        *(Policy(f"fastlibra-paper{suffix}", summary, None, dependency_aware=True,
+                 reuse_kv=True, host_kv=True, swapper=True, eval_terms=terms)
+          for suffix, summary, terms in _PAPER_VARIANTS),
     ]
 }
 
 BASELINES = ("vllm", "vllm-offload", "slora", "sglang", "sglang-hicache")
 ABLATIONS = ("fastlibra-nodep", "fastlibra-lru")
+PAPER_POLICIES = tuple(f"fastlibra-paper{suffix}" for suffix, _, _ in _PAPER_VARIANTS)
 
 
 def get_policy(name: str, adapter_share: float | None = None) -> Policy:

@@ -130,14 +130,18 @@ class Swapper:
         if node.num_blocks == 0 or node.tier is Tier.DISK or node.heap_version < 0:
             return  # nothing to rank, or dropped (a queued request may still point at it)
         node.heap_version = v = next(self._versions)
-        key = self.policy.rank(self.cost, node, node.tier)
+        key = self._key(node, node.tier)
         kind = isinstance(node, AdapterNode)
         heap = self._evict[(id(self.cache.pool_for(node, node.tier)), kind)]
         if self.policy.swapper and self.prefetchable(node):
-            dkey = self.policy.rank(self.cost, node, Tier.DEVICE)
+            dkey = self._key(node, Tier.DEVICE)
             neg = (-dkey[0], -dkey[1])
             self._push(self._prefetch[kind], (neg, next(self._seq), v, node))
         self._push(heap, (key, next(self._seq), v, node))
+
+    def _key(self, node: Node, tier: Tier) -> tuple:
+        """`node`'s heap key in `tier`: lower = evicted first, higher = prefetched first."""
+        return self.policy.rank(self.cost, node, tier)
 
     def rekey(self) -> None:
         """The decay rate changed, so every key is stale: rebuild the heaps from the tree."""
@@ -242,7 +246,7 @@ class Swapper:
                 # Only host nodes worth less than this one make way for it, unless host
                 # nodes hang below it: dropping it would lose that whole subtree.
                 limit = None if node.children_in(Tier.HOST) else \
-                    self._at(node, self.policy.rank(self.cost, node, Tier.HOST), now)
+                    self._at(node, self._key(node, Tier.HOST), now)
                 self._clear_host_room(host, node.num_blocks - host.num_free, limit, now)
             if host.num_free >= node.num_blocks:
                 m.move(node, Tier.HOST, now)

@@ -40,6 +40,9 @@ class Node:
     freq: float = 0.0
     """Visits, decayed exponentially, as of `t_last`."""
     t_last: float = 0.0
+    visits: int = 0
+    """Requests that used this node, undecayed (a new KV leaf counts the one that made it):
+    the visit frequency of the paper's Eval (`cache/paper_eval.py`)."""
     demand: int = 0
     """Queued requests that will need this node."""
     resident_children: list[int] = field(default_factory=lambda: [0, 0, 0])
@@ -161,7 +164,8 @@ def split(node: KVNode, keep_blocks: int, block_size: int) -> KVNode:
     assert parent is not None
     upper = KVNode(parent=parent, num_blocks=keep_blocks, tier=node.tier,
                    blocks=node.blocks[:keep_blocks], ref_count=node.ref_count,
-                   freq=node.freq, t_last=node.t_last, demand=node.demand,
+                   freq=node.freq, t_last=node.t_last, visits=node.visits,
+                   demand=node.demand,
                    adapter=node.adapter, tokens=node.tokens[:cut], prefix_len=node.prefix_len,
                    speculative=node.speculative)
     node.speculative = False  # one leaf, one outcome: the upper part carries it

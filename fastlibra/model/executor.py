@@ -115,6 +115,8 @@ class ModelExecutor:
         self.steps = 0
         self.failed: dict[str, Exception] = {}
         """Requests failed by the steps so far; the caller takes and ends them."""
+        self.on_step: Callable[[int, float], None] | None = None
+        """Told (tokens computed, seconds) after every step: the engine's calibration."""
 
     def set_sampling(self, request_id: str, params: SamplingParams) -> None:
         self._params[request_id] = params
@@ -174,6 +176,8 @@ class ModelExecutor:
         self.steps += 1
         self._per_token += (duration / n - self._per_token) / min(self.steps, 20)
         self.failed.update(failed)
+        if self.on_step is not None:
+            self.on_step(batch.num_tokens, duration)
         return StepOutput(duration, tokens, failed)
 
     def _forward(self, work: list[tuple[str, SeqInput, bool]],

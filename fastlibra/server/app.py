@@ -668,6 +668,7 @@ def run_server(cfg: ServerConfig) -> None:
     print(f"[fastlibra serve] loading {cfg.model_dir} with {len(cfg.adapters)} adapter(s), "
           f"policy {cfg.policy}", flush=True)
     engine = AsyncLLM(cfg.make_llm())
+    print(f"[fastlibra serve] {engine.llm.calibration.describe()}", flush=True)
     try:
         app = build_app(engine, cfg)
         print(f"[fastlibra serve] serving '{cfg.model_name}' on http://{cfg.host}:{cfg.port}/v1",

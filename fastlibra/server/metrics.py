@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fastlibra.calibrate import Calibration
 from fastlibra.llm import AsyncLLM, EngineStats, Output
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
@@ -84,6 +85,7 @@ class ServerMetrics:
         self._engine_numbers = _EngineCollector(engine.call(engine.llm.stats).result(),
                                                 model_name, vllm=compat == "vllm")
         self.registry.register(self._engine_numbers)
+        self.registry.register(_CalibrationCollector(engine.llm.calibration, model_name))
         engine.on_finish.append(self.observe)
 
     async def render(self) -> bytes:
@@ -175,3 +177,33 @@ class _EngineCollector(Collector):
                       s.prompt_tokens, "vllm")
         yield counter("prefix_cache_hits", "Prompt tokens whose KV was cached (device, or "
                       "host and swapped in).", s.device_hit_tokens + s.host_hit_tokens, "vllm")
+
+
+class _CalibrationCollector(Collector):
+    """The hardware profile the cache's cost model prices misses with (`calibrate.py`):
+    measured at start-up, refined while serving. A profile is replaced whole, never
+    changed in place, so reading it off the engine thread is safe."""
+
+    FIELDS = (("h2d_bytes_per_second", "h2d_bandwidth", "Host-to-device copy bandwidth."),
+              ("d2h_bytes_per_second", "d2h_bandwidth", "Device-to-host copy bandwidth."),
+              ("disk_bytes_per_second", "disk_bandwidth",
+               "Adapter read rate from disk (arena bytes per second, parsing included)."),
+              ("prefill_seconds_per_token", "prefill_per_token", "Prefill cost per token."),
+              ("prefill_base_seconds", "prefill_base", "Fixed cost of a prefill step."))
+
+    def __init__(self, calibration: Calibration, model_name: str) -> None:
+        self.calibration = calibration
+        self.model_name = model_name
+
+    def collect(self):
+        cal = self.calibration
+        profile = cal.profile
+        for name, attr, doc in self.FIELDS:
+            g = GaugeMetricFamily(f"fastlibra:calibrated_{name}", doc, labels=["model_name"])
+            g.add_metric([self.model_name], getattr(profile, attr))
+            yield g
+        c = CounterMetricFamily("fastlibra:calibration_updates",
+                                "Times a refined profile replaced the one in use.",
+                                labels=["model_name"])
+        c.add_metric([self.model_name], cal.updates)
+        yield c

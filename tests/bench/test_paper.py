@@ -147,6 +147,19 @@ def test_tiny_sweep_summary_is_computed_from_the_cells(tiny_sweep):
         assert (got["rate"], got["censored"]) == (pytest.approx(expect[0]), expect[1])
 
 
+def test_tiny_sweep_sets_each_paper_ablation_beside_the_papers_number(tiny_sweep):
+    doc, md = tiny_sweep
+    cells, abl = doc["cells"], doc["summary"]["paper_ablations"]
+    assert list(abl) == ["fastlibra-paper-no-lora", "fastlibra-paper-no-transfer",
+                         "fastlibra-paper-no-visit", "fastlibra-paper-no-recency"]
+    assert [a["paper"] for a in abl.values()] == [1.21, 1.19, 1.25, 1.21]
+    for p, a in abl.items():
+        ratios = [c["policies"][p]["ttft_mean"] / c["policies"]["fastlibra-paper"]["ttft_mean"]
+                  for c in cells]
+        assert a["ttft_ratio_geomean"] == pytest.approx(math.sqrt(ratios[0] * ratios[1]))
+        assert f"| {p} | x{a['ttft_ratio_geomean']:.2f} |" in md
+
+
 def test_tiny_sweep_markdown_has_the_section(tiny_sweep):
     _, md = tiny_sweep
     assert md.count(MARKER_START) == 1 and md.count(MARKER_END) == 1

@@ -13,7 +13,7 @@ from fastlibra.cache import (
     Tier,
     get_policy,
 )
-from fastlibra.cache.policies import Policy
+from fastlibra.cache.policies import PAPER_POLICIES, Policy
 
 
 def _four_adapters(policy):
@@ -155,6 +155,7 @@ def test_policy_traits_match_the_systems_they_stand_for():
         "sglang": (False, True, False, False, 0.2, False),
         "sglang-hicache": (False, True, True, False, 0.2, False),
         "slora": (False, False, False, False, None, False),
+        **dict.fromkeys(PAPER_POLICIES, (True, True, True, True, None, False)),
     }
     # vLLM v1's own behaviour: max_cpu_loras = max_loras, loads inside the step, a request
     # without a free adapter slot is passed over; offloaded KV is written through
@@ -163,13 +164,13 @@ def test_policy_traits_match_the_systems_they_stand_for():
     assert vllm_like == {"vllm", "vllm-offload"}
     assert {name for name, p in POLICIES.items() if p.write_through} == {
         "vllm-offload", "sglang-hicache"}
-    assert set(BASELINES) | set(ABLATIONS) | {"fastlibra"} == set(POLICIES)
+    assert set(BASELINES) | set(ABLATIONS) | set(PAPER_POLICIES) | {"fastlibra"} == set(POLICIES)
 
 
 def test_get_policy_errors_on_unknown_names_and_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown policy 'lfu'; choose from fastlibra, "
                                          "fastlibra-nodep, fastlibra-lru, vllm, vllm-offload, "
-                                         "sglang, sglang-hicache, slora"):
+                                         "sglang, sglang-hicache, slora, fastlibra-paper, "):
         get_policy("lfu")
     assert get_policy("sglang") is POLICIES["sglang"]
 

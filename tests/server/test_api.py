@@ -336,6 +336,23 @@ def test_tokenize_detokenize_and_version(server, client):
     assert post("/tokenize", {"prompt": "w005"}).json()["tokens"] == [5]  # still serving
 
 
+def test_metrics_show_the_profile_the_cost_model_prices_misses_with(server, client):
+    label = f'{{model_name="{MODEL_NAME}"}}'
+    client.completions.create(model="a", prompt="w061 w062 w063", max_tokens=2,
+                              temperature=0, extra_body=NO_EOS)
+    got = scrape(server)
+    p = server.llm.cache.cost.hw
+    assert p is server.llm.calibration.profile and p.name == "calibrated-cpu"
+    for name, value in (("h2d_bytes_per_second", p.h2d_bandwidth),
+                        ("d2h_bytes_per_second", p.d2h_bandwidth),
+                        ("disk_bytes_per_second", p.disk_bandwidth),
+                        ("prefill_seconds_per_token", p.prefill_per_token),
+                        ("prefill_base_seconds", p.prefill_base)):
+        assert got[f"fastlibra:calibrated_{name}{label}"] == pytest.approx(value, rel=1e-6)
+    assert got[f"fastlibra:calibration_updates_total{label}"] == \
+        server.llm.calibration.updates
+
+
 def test_client_disconnect_mid_stream_frees_blocks_at_once(server):
     body = {"model": "b", "prompt": "w070 w071 w072 w073", "max_tokens": 200, "stream": True,
             "temperature": 0, "ignore_eos": True}
