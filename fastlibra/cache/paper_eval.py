@@ -25,9 +25,11 @@ The tests check that each of the four terms changes a decision.
 
 Retain_Eval changes with time in a way no fixed key can follow (a product of a decaying
 sigmoid and a size that differs per node), so, as the paper does, the candidates are
-re-scored at most every RESCORE_S of the cache's clock: between re-scorings, the heaps of
+re-scored every RESCORE_S of the cache's clock: between re-scorings, the heaps of
 `Swapper` order nodes by their Eval as of the last re-scoring (a node touched since then
-is scored as of that time too). LoRA_Eval is one factor shared by every adapter, applied
+is scored as of that time too). A heap is rebuilt when a decision first reads it after a
+re-scoring, so one that no decision reads (prefetch while the device is busy, the host's
+while it has room) costs nothing; a rebuild is O(its candidates). LoRA_Eval is one factor shared by every adapter, applied
 when candidates of the two kinds are compared, so it follows N_dev after every adapter
 that moves, as the paper re-scores after each adapter swap. The device is busy above the
 high watermark (or when an allocation needs room), idle below IDLE_WATERMARK; eviction
@@ -146,10 +148,8 @@ class PaperSwapper(Swapper):
 
     # -- re-scoring ---------------------------------------------------------------------
     def rescore(self, now: float) -> None:
-        """Start a new scoring time: sample the window and update Low_lora. Each heap is
-        rebuilt with Eval as of `now` when it is next consulted (`_fresh`), so a heap no
-        decision reads (the host's while it has room, prefetch while the device is busy)
-        costs nothing."""
+        """Start a new scoring time: sample the window and update Low_lora; each heap is
+        rebuilt with Eval as of `now` when a decision next reads it (`_fresh`)."""
         self.scored_at = now
         cache = self.paper_cache
         samples = self._samples
