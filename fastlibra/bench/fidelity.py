@@ -18,8 +18,8 @@
                  for comparison, with the isolated one), the same device and host bytes,
                  the real engine's scheduler settings (`max_batched_tokens=2048`; like
                  the real runner, a step waits for its copies before its forward pass,
-                 not layer by layer) and its cost-model profile
-                 (`HardwareProfile()`)
+                 not layer by layer) and its cost-model profile (the one the replay's
+                 engine calibrated, `calibrate.py`)
     reported     per policy real vs simulated mean TTFT and their relative error
                  (target: within 20 %), both fits, and request-by-request records of both
 
@@ -459,15 +459,17 @@ def fit_replay(isolated: SimProfile, step_log: list[dict]) -> tuple[SimProfile, 
 
 
 # -- the benchmark -----------------------------------------------------------------------
-def _sim_setup(profile: SimProfile, device: int, host: int, adapter_bytes: dict[str, int]):
-    """`SimSetup` with the real engine's scheduler, cost-model profile and adapter sizes
-    (with one mean rank for all, rank-16 and rank-8 adapters would pack into vllm's static
-    share differently than they do for real, and its queueing for a slot with them)."""
+def _sim_setup(profile: SimProfile, device: int, host: int, adapter_bytes: dict[str, int],
+               hardware: HardwareProfile):
+    """`SimSetup` with the real engine's scheduler, cost-model profile (`hardware`: what
+    the replay's engine calibrated, at the end of the run) and adapter sizes (with one mean
+    rank for all, rank-16 and rank-8 adapters would pack into vllm's static share
+    differently than they do for real, and its queueing for a slot with them)."""
     from fastlibra.sim.simulate import SimSetup
 
     class RealEngineSetup(SimSetup):
         def cache_config(self):
-            return replace(super().cache_config(), hardware=HardwareProfile())
+            return replace(super().cache_config(), hardware=hardware)
 
     return RealEngineSetup(profile, device_memory=device, host_memory=host,
                            block_size=BLOCK_SIZE, scheduler=REAL_SCHEDULER,
@@ -525,8 +527,9 @@ def run_fidelity(args) -> int:
     isolated: dict[str, dict] = {}
     fits: dict[str, dict] = {}
     for policy in args.policy:
+        hardware = HardwareProfile(name="replay", **real[policy]["hardware"])
         isolated[policy] = simulate(policy, firsts, _sim_setup(prof["profile"], device, host,
-                                                                prof["adapter_bytes"]))
+                                                                prof["adapter_bytes"], hardware))
         if len(replay_points(step_logs[policy])) >= MIN_REPLAY_STEPS:
             profile, fits[policy] = fit_replay(prof["profile"], step_logs[policy])
             f, g = fits[policy], profile.gpu
@@ -540,7 +543,8 @@ def run_fidelity(args) -> int:
             profile = prof["profile"]
             _status(f"{policy}: too few replayed steps to refit; the isolated profile is used")
         sim[policy] = simulate(policy, firsts,
-                               _sim_setup(profile, device, host, prof["adapter_bytes"]),
+                               _sim_setup(profile, device, host, prof["adapter_bytes"],
+                                          hardware),
                                records=sim_records[policy])
     policies = {}
     for p in args.policy:

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -197,6 +198,7 @@ def replay_policy(policy: str, base: Path, adapters: dict[str, Path], firsts, ar
         "invalid_kv_blocks_mean": invalid_sum / max(1, steps),
         "invalid_kv_blocks_peak": invalid_peak,
         "bytes_moved": {k: v - stats0.bytes_moved[k] for k, v in st.bytes_moved.items()},
+        "hardware": {k: v for k, v in asdict(llm.cache.cost.hw).items() if k != "name"},
         "requests_detail": records,
     }
 

@@ -50,6 +50,8 @@ def test_bench_replay_two_policies(tmp_path, capsys):
         assert 0 <= r["invalid_kv_blocks_mean"] <= r["invalid_kv_blocks_peak"]
         assert set(r["bytes_moved"]) == {"swap_out", "swap_in", "load", "load_host"}
         assert min(r["bytes_moved"].values()) >= 0
+        # the profile the engine's cost model priced misses with at the end (calibrated)
+        assert positive(r["hardware"]["h2d_bandwidth"]) and r["hardware"]["adapter_parse_s"] == 0
         detail = res["requests"][p]
         assert len(detail) == turns
         for d in detail:
