@@ -58,7 +58,7 @@ def test_the_cost_model_prices_misses_with_the_profile_measured_at_start(served)
     assert "calibrated-cpu (measured in" in cal.describe()
     # the scratch prefills left nothing behind: outputs are still the reference's
     _, _, ref = served
-    out = llm.generate([tokens(9, 1)], adapter=["a"], sampling=GREEDY)
+    out = llm.generate([tokens(9, 1)], adapter=["a"], sampling_params=GREEDY)
     assert out[0].token_ids == ref.greedy(tokens(9, 1), "a", 4)
 
 
@@ -66,9 +66,9 @@ def test_a_given_profile_is_used_as_is_when_calibration_is_off(served):
     given = HardwareProfile(name="mine", h2d_bandwidth=3e9, disk_bandwidth=1e8,
                             prefill_per_token=2e-3)
     llm = make_llm(served, hardware=given, calibrate=False)
-    llm.generate([tokens(9, 1), tokens(30, 2)], adapter=["a", "b"], sampling=GREEDY)
+    llm.generate([tokens(9, 1), tokens(30, 2)], adapter=["a", "b"], sampling_params=GREEDY)
     llm.mover.bandwidth[MoveKind.SWAP_IN] = 100 * given.h2d_bandwidth
-    llm.generate([tokens(9, 3)], sampling=GREEDY)
+    llm.generate([tokens(9, 3)], sampling_params=GREEDY)
     assert llm.cache.cost.hw is given and llm.calibration.updates == 0
     assert "given, not measured" in llm.calibration.describe()
 
@@ -85,7 +85,7 @@ def test_a_drift_in_measured_copies_reaches_the_cost_model_and_rebuilds_its_keys
     assert cost.hw is start and rekeys == []
     # beyond it: the next step hands the cost model the copy engine's number
     llm.mover.bandwidth[MoveKind.SWAP_IN] = start.h2d_bandwidth * 3
-    llm.generate([tokens(9, 2)], sampling=GREEDY)
+    llm.generate([tokens(9, 2)], sampling_params=GREEDY)
     assert cost.hw.h2d_bandwidth == start.h2d_bandwidth * 3
     assert cost.block_h2d_s == llm.cache.cfg.block_bytes / cost.hw.h2d_bandwidth
     assert llm.calibration.updates >= 1 and rekeys
@@ -124,16 +124,18 @@ def test_step_fit_is_a_line_through_its_points_or_nothing():
 
 
 def test_serve_and_generate_take_no_calibrate(served):
-    from fastlibra.cli import build_parser
+    from fastlibra.cli import _llm_args, build_parser
     from fastlibra.server import ServerConfig
 
     base, adapters, _ = served
     for command in ("serve", "generate"):
         argv = [command, "--model", str(base)] + (["--prompt", "w005"] if command == "generate"
                                                   else [])
-        assert build_parser().parse_args(argv).calibrate is True
-        assert build_parser().parse_args([*argv, "--no-calibrate"]).calibrate is False
+        assert _llm_args(build_parser().parse_args(argv))["calibrate"] is True
+        assert _llm_args(build_parser().parse_args([*argv, "--no-calibrate"]))["calibrate"] \
+            is False
     cfg = ServerConfig(base, dict(adapters), device_memory=256 * KIB, host_memory=256 * KIB,
-                       dtype="float32", device="cpu", block_size=4, calibrate=False)
+                       dtype="float32", device="cpu", block_size=4,
+                       engine_args={"calibrate": False})
     llm = cfg.make_llm()
     assert not llm.calibration.measured and llm.cache.cost.hw == HardwareProfile()
