@@ -525,11 +525,13 @@ def summarize(cells: list[dict]) -> dict:
 
 # -- text, markdown and plots -----------------------------------------------------------------
 
-SHORT = {"fastlibra": "fastlibra", "vllm": "vllm", ORACLE: "oracle", "slora": "slora",
-         "sglang": "sglang", "fastlibra-nodep": "nodep", "fastlibra-lru": "lru",
+SHORT = {"fastlibra": "fastlibra", "vllm": "vllm", "vllm-offload": "vllm-off", ORACLE: "oracle",
+         "slora": "slora", "sglang": "sglang", "sglang-hicache": "hicache",
+         "fastlibra-nodep": "nodep", "fastlibra-lru": "lru",
          PAPER: "paper", **{p: "p-" + p.rsplit("-", 1)[1][:5] for p in PAPER_ABLATIONS},
          LOWER_BOUND: "lower-bd"}
-CELL_ORDER = ("fastlibra", "vllm", ORACLE, "slora", "sglang", "fastlibra-nodep",
+CELL_ORDER = ("fastlibra", "vllm", "vllm-offload", ORACLE, "slora", "sglang", "sglang-hicache",
+              "fastlibra-nodep",
               "fastlibra-lru", PAPER, *PAPER_ABLATIONS, LOWER_BOUND)
 
 
