@@ -15,14 +15,15 @@ BELOW = {
     "engine": {"cache", "config"},
     "workloads": {"engine", "config"},
     "traces": {"workloads", "engine", "config"},
-    "sim": {"engine", "cache", "config"},
+    "router": {"cache", "config"},
+    "sim": {"router", "engine", "cache", "config"},
     "model": {"engine", "cache", "config"},
     "calibrate": {"model", "cache", "config"},
     "llm": {"calibrate", "model", "engine", "cache", "config"},
-    "server": {"llm", "calibrate", "model", "engine", "cache", "config"},
+    "server": {"llm", "calibrate", "model", "router", "engine", "cache", "config"},
 }
 TOP = {"bench", "demo", "cli"}  # drivers: may import anything below them
-NO_TORCH = {"config", "cache", "engine", "sim", "workloads", "traces"}
+NO_TORCH = {"config", "cache", "engine", "sim", "workloads", "traces", "router"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -68,7 +69,7 @@ def test_no_import_points_up_the_layers():
 
 def test_the_cache_engine_and_simulator_import_no_torch():
     found = [f"{p.relative_to(ROOT)} imports {n}" for p in _modules() if _layer(p) in NO_TORCH
-             for n in _imports(p) if n.split(".")[0] in ("torch", "transformers", "fastapi")]
+             for n in _imports(p) if n.split(".")[0] in ("torch", "transformers", "fastapi", "ray")]
     assert not found, "\n".join(found)
 
 

@@ -11,6 +11,7 @@ from fastlibra.cache.manager import (
     CacheStats,
     NotPinned,
     RequestTooLarge,
+    Residency,
     UnknownAdapter,
 )
 from fastlibra.cache.policies import ABLATIONS, BASELINES, POLICIES, Policy, get_policy
@@ -20,5 +21,5 @@ from fastlibra.cache.swapper import CountingMover, Move, MoveKind, Mover
 __all__ = [
     "ABLATIONS", "BASELINES", "POLICIES", "Allocation", "BlockKind", "BlockPool", "CacheError",
     "CacheManager", "CacheStats", "CountingMover", "Move", "MoveKind", "Mover", "NotPinned",
-    "Policy", "PoolExhausted", "RequestTooLarge", "Tier", "UnknownAdapter", "get_policy",
+    "Policy", "PoolExhausted", "RequestTooLarge", "Residency", "Tier", "UnknownAdapter", "get_policy",
 ]

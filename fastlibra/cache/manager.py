@@ -26,7 +26,7 @@ from fastlibra.cache.cost import CostModel
 from fastlibra.cache.policies import Policy, get_policy
 from fastlibra.cache.pool import BlockKind, BlockPool, Tier
 from fastlibra.cache.swapper import CountingMover, Move, MoveKind, Mover
-from fastlibra.cache.tree import AdapterNode, KVNode, Node
+from fastlibra.cache.tree import AdapterNode, KVNode, Node, chain_hashes, chain_root
 from fastlibra.config import CacheConfig
 
 
@@ -96,6 +96,18 @@ class CacheStats:
     @property
     def host_hit_rate(self) -> float:
         return self.host_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+@dataclass(slots=True)
+class Residency:
+    """What one engine tells routers about its cache (`CacheManager.residency`): where
+    each adapter is, and which prompt prefixes it holds, as sets of chained block hashes
+    (`tree.chain_hashes`, rooted at the adapter's name) per tier. A fresh snapshot: the
+    receiver may amend it."""
+
+    adapters: dict[str, Tier]
+    device_prefixes: set[int]
+    host_prefixes: set[int]
 
 
 class CacheManager:
@@ -565,6 +577,24 @@ class CacheManager:
         out = {p.name: p.usage() for p in self.pools}
         out[self.device_kv_pool.name]["invalid_kv"] = self.invalid_kv_blocks
         return out
+
+    def residency(self) -> Residency:
+        """Adapter tiers and the cached prefixes' block hashes, for a router. Each node's
+        hashes are computed once and kept (its tokens never change; a split slices them),
+        so a snapshot costs one pass over the nodes and a set insert per block."""
+        device: set[int] = set()
+        host: set[int] = set()
+        if self.policy.reuse_kv:
+            for a in [self.base, *self.adapters.values()]:
+                start = chain_root(a.name)
+                stack = [(child, start) for child in a.children.values()]
+                while stack:
+                    n, start = stack.pop()
+                    if len(n.hashes) != n.num_blocks:
+                        n.hashes = tuple(chain_hashes(start, n.tokens, self.bs))
+                    (device if n.tier is Tier.DEVICE else host).update(n.hashes)
+                    stack += [(c, n.hashes[-1]) for c in n.children.values()]
+        return Residency({name: a.tier for name, a in self.adapters.items()}, device, host)
 
     def nodes(self) -> list[Node]:
         """Every adapter and KV node (not the root)."""

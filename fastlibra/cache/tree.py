@@ -18,6 +18,7 @@ so that "is this a leaf of the device tier?" is O(1).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -98,6 +99,8 @@ class KVNode(Node):
     speculative: bool = False
     """A new leaf whose starting count rests on the learned floor, not on its parent's
     share; the cost model learns from whether it is ever reused (see `CostModel.inherit`)."""
+    hashes: tuple[int, ...] = ()
+    """Chained hashes of its blocks (`chain_hashes`), filled on the first export."""
 
     @property
     def end(self) -> int:
@@ -167,7 +170,8 @@ def split(node: KVNode, keep_blocks: int, block_size: int) -> KVNode:
                    freq=node.freq, t_last=node.t_last, visits=node.visits,
                    demand=node.demand,
                    adapter=node.adapter, tokens=node.tokens[:cut], prefix_len=node.prefix_len,
-                   speculative=node.speculative)
+                   speculative=node.speculative, hashes=node.hashes[:keep_blocks])
+    node.hashes = node.hashes[keep_blocks:]
     node.speculative = False  # one leaf, one outcome: the upper part carries it
     parent.children[upper.tokens[:block_size]] = upper
     upper.children[node.tokens[cut:cut + block_size]] = node
@@ -218,4 +222,23 @@ def subtree(node: Node) -> list[KVNode]:
         n = stack.pop()
         out.append(n)
         stack.extend(n.children.values())
+    return out
+
+
+def chain_root(adapter_name: str) -> int:
+    """The hash every prefix chain of one adapter starts from ("" = the base model). Stable
+    across processes (a router and its replicas hash alike), unlike `hash` of a str."""
+    return int.from_bytes(hashlib.blake2b(adapter_name.encode(), digest_size=8).digest(),
+                          "little", signed=True)
+
+
+def chain_hashes(start: int, tokens: tuple[int, ...], block_size: int) -> list[int]:
+    """Hash of each whole block of `tokens`, each one folding in the hash before it, so a
+    block's hash names its whole prefix and its adapter: one set lookup answers "is this
+    prefix cached?". `hash` of a tuple of ints does not depend on PYTHONHASHSEED."""
+    out = []
+    h = start
+    for i in range(len(tokens) // block_size):
+        h = hash((h, tokens[i * block_size:(i + 1) * block_size]))
+        out.append(h)
     return out

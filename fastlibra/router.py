@@ -1,0 +1,331 @@
+"""Which replica serves a request: five routers side by side, as pure code.
+
+    request ──► Router.route ──► replica i    choose(), then note the request in the
+                  ▲    ▲                       router's own view of replica i
+    replica i ────┘    └──── publish(i, Residency)   adapter tiers + prefix-block hashes,
+    first_token / finish                             every few seconds
+
+The router tracks each replica's load itself (it sent every request there and sees each
+first token and finish), and between publications it amends its view as it routes: the
+adapter it sent is on device there, and so is the prompt's KV. Nothing here imports Ray
+or the server, so the cluster simulator (`sim/cluster.py`) runs the very routers that
+serve.
+
+`fastlibra` estimates the request's TTFT on every replica in the currency of the cache's
+cost model, and takes the lowest:
+
+    queue wait        prefill seconds of the requests ahead that have no first token
+                      yet + one token per running request in each step it shares
+    + adapter miss    device 0 | host: bytes / h2d | disk or absent: a file load
+    + prefill         of the prompt tokens not cached there for this adapter, after the
+                      cached prefix; cached blocks on host add their copy in
+
+A hot adapter therefore spreads once the queue on the replicas holding it costs more
+than loading it elsewhere, and shrinks back as it cools (the others evict it), and a
+session stays with its KV until the queue there outweighs recomputing its prefix. The
+baselines keep their systems' documented rules: `round-robin`; `least-loaded` (power of
+two choices, Ray Serve's default); `multiplex` (Ray Serve model multiplexing: the
+replicas that hold the model id, an LRU set per replica); `prefix` (SGLang's cache-aware
+router: adapter-blind prefix match unless the load is imbalanced).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from fastlibra.cache import Residency, Tier
+from fastlibra.cache.tree import chain_hashes, chain_root
+from fastlibra.config import CacheConfig, ConfigError, HardwareProfile
+
+
+@dataclass(frozen=True)
+class RouteCosts:
+    """What the estimates cost in seconds: the replicas' hardware, block size, adapter
+    size and batch limit (every replica alike)."""
+
+    hardware: HardwareProfile
+    block_size: int
+    block_bytes: int
+    adapter_bytes: int
+
+    def __post_init__(self) -> None:
+        for f in ("block_size", "block_bytes", "adapter_bytes"):
+            if getattr(self, f) < 1:
+                raise ConfigError(f"RouteCosts.{f} must be >= 1, got {getattr(self, f)}")
+
+    @classmethod
+    def of(cls, cfg: CacheConfig, adapter_bytes: int) -> RouteCosts:
+        """The costs of replicas built from `cfg`."""
+        return cls(cfg.hardware, cfg.block_size, cfg.block_bytes, adapter_bytes)
+
+    def adapter_miss(self, tier: Tier | None) -> float:
+        """Seconds to bring the adapter to the device from `tier` (None: not there at all,
+        read from its file like DISK)."""
+        if tier is Tier.DEVICE:
+            return 0.0
+        if tier is Tier.HOST:
+            return self.hardware.h2d_time(self.adapter_bytes)
+        return self.hardware.disk_load_time(self.adapter_bytes)
+
+
+class RouteRequest:
+    """What a router sees of a request: its adapter and prompt; the prompt's chained block
+    hashes are computed once, on first use, for whichever router asks."""
+
+    def __init__(self, request_id: str, adapter: str | None, prompt, block_size: int) -> None:
+        self.request_id = request_id
+        self.adapter = adapter or None
+        self.tokens = tuple(prompt)
+        self.block_size = block_size
+        self.usable_blocks = (len(self.tokens) - 1) // block_size
+        """Blocks a replica can serve from cache (its last token is always computed)."""
+
+    @cached_property
+    def hashes(self) -> list[int]:
+        """Chained per adapter: the same tokens under another adapter never match."""
+        return chain_hashes(chain_root(self.adapter or ""), self.tokens, self.block_size)
+
+    @cached_property
+    def blind_hashes(self) -> list[int]:
+        """Chained over the tokens alone, as an adapter-blind prefix router sees them."""
+        return chain_hashes(0, self.tokens, self.block_size)
+
+
+def _prefix_in(hashes: list[int], start: int, limit: int, *sets: set[int]) -> int:
+    """Largest m in [start, limit] with hashes[start:m] all in one of `sets` (given that
+    hashes[:start] are). Chained hashes make a cached prefix's blocks all present, so
+    membership is monotone along the chain and a binary search finds its end."""
+    lo, hi = start, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        h = hashes[mid - 1]
+        if any(h in s for s in sets):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@dataclass
+class ReplicaView:
+    """A router's picture of one replica."""
+
+    inflight: int = 0
+    """Requests routed there and not finished."""
+    queued_prefill_s: float = 0.0
+    """Estimated prefill seconds of its requests that have no first token yet."""
+    adapters: dict[str, Tier] = field(default_factory=dict)
+    device_prefixes: set[int] = field(default_factory=set)
+    host_prefixes: set[int] = field(default_factory=set)
+
+    def cached_blocks(self, req: RouteRequest) -> tuple[int, int]:
+        """(device, host) blocks of the request's prompt cached here for its adapter."""
+        hashes = req.hashes
+        dev = _prefix_in(hashes, 0, req.usable_blocks, self.device_prefixes)
+        both = _prefix_in(hashes, dev, req.usable_blocks, self.device_prefixes,
+                          self.host_prefixes)
+        return dev, both - dev
+
+
+class Router:
+    """Chooses a replica per request and keeps the views; subclasses only `choose` (and
+    may note what they learn in `_routed`)."""
+
+    name = ""
+
+    def __init__(self, num_replicas: int, costs: RouteCosts, seed: int = 0) -> None:
+        if num_replicas < 1:
+            raise ConfigError(f"a router needs >= 1 replica, got {num_replicas}")
+        self.costs = costs
+        self.views = [ReplicaView() for _ in range(num_replicas)]
+        self.rng = random.Random(seed)
+        self._open: dict[str, list] = {}
+        """request id -> [replica, prefill seconds still queued there]"""
+
+    # -- the estimates every router can read ---------------------------------------------
+    def prefill_s(self, req: RouteRequest, view: ReplicaView) -> float:
+        """Prefill of the uncached part on that replica, plus the copy of its host hits."""
+        dev, host = view.cached_blocks(req)
+        c = self.costs
+        cached = (dev + host) * c.block_size
+        return c.hardware.prefill_time(len(req.tokens) - cached, cached) \
+            + c.hardware.h2d_time(host * c.block_bytes)
+
+    def queue_wait_s(self, view: ReplicaView) -> float:
+        """Prefill work queued ahead, and one token per running request in the step."""
+        return view.queued_prefill_s + view.inflight * self.costs.hardware.prefill_per_token
+
+    def estimate(self, req: RouteRequest, i: int) -> float:
+        """Expected TTFT of `req` on replica i (seconds)."""
+        v = self.views[i]
+        adapter = 0.0 if req.adapter is None else self.costs.adapter_miss(
+            v.adapters.get(req.adapter))
+        return self.queue_wait_s(v) + adapter + self.prefill_s(req, v)
+
+    # -- events ---------------------------------------------------------------------------
+    def route(self, req: RouteRequest) -> int:
+        """Pick the replica for `req` and note it there."""
+        if req.request_id in self._open:
+            raise ValueError(f"request {req.request_id!r} is already routed")
+        i = self.choose(req)
+        v = self.views[i]
+        queued = self.prefill_s(req, v)
+        v.inflight += 1
+        v.queued_prefill_s += queued
+        self._open[req.request_id] = [i, queued]
+        if req.adapter is not None:
+            v.adapters[req.adapter] = Tier.DEVICE
+        v.device_prefixes.update(req.hashes)
+        self._routed(i, req)
+        return i
+
+    def first_token(self, request_id: str) -> None:
+        entry = self._open[request_id]
+        self.views[entry[0]].queued_prefill_s -= entry[1]
+        entry[1] = 0.0
+
+    def finish(self, request_id: str) -> None:
+        """The request ended (finished, failed or aborted)."""
+        self.first_token(request_id)
+        i, _ = self._open.pop(request_id)
+        self.views[i].inflight -= 1
+
+    def publish(self, i: int, residency: Residency) -> None:
+        """Replica i's own account of its cache replaces the router's guesses."""
+        v = self.views[i]
+        v.adapters = residency.adapters
+        v.device_prefixes = residency.device_prefixes
+        v.host_prefixes = residency.host_prefixes
+
+    # -- strategy -------------------------------------------------------------------------
+    def choose(self, req: RouteRequest) -> int:
+        raise NotImplementedError
+
+    def _routed(self, i: int, req: RouteRequest) -> None:
+        """What a strategy learns from sending `req` to replica i (nothing by default)."""
+
+    def _two_choices(self, candidates: list[int]) -> int:
+        """Power of two choices: the less loaded of two distinct random candidates."""
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = self.rng.sample(candidates, 2)
+        return a if self.views[a].inflight <= self.views[b].inflight else b
+
+
+class RoundRobin(Router):
+    name = "round-robin"
+
+    def __init__(self, num_replicas: int, costs: RouteCosts, seed: int = 0) -> None:
+        super().__init__(num_replicas, costs, seed)
+        self._next = 0
+
+    def choose(self, req: RouteRequest) -> int:
+        i = self._next
+        self._next = (i + 1) % len(self.views)
+        return i
+
+
+class LeastLoaded(Router):
+    """Ray Serve's default: power of two choices on requests in flight."""
+
+    name = "least-loaded"
+
+    def choose(self, req: RouteRequest) -> int:
+        return self._two_choices(list(range(len(self.views))))
+
+
+class Multiplex(Router):
+    """Ray Serve model multiplexing: a request goes to a replica that holds its model id
+    (two choices among them, skipping full ones); if none can take it, to those holding
+    the fewest models. Each replica keeps an LRU set of `max_models` ids, exactly the
+    ids routed to it, since it loads what it is sent."""
+
+    name = "multiplex"
+
+    def __init__(self, num_replicas: int, costs: RouteCosts, seed: int = 0,
+                 max_models: int = 16, max_ongoing: int = 64) -> None:
+        super().__init__(num_replicas, costs, seed)
+        self.max_models = max_models
+        self.max_ongoing = max_ongoing
+        self.models: list[OrderedDict[str, None]] = [OrderedDict() for _ in self.views]
+
+    def choose(self, req: RouteRequest) -> int:
+        free = [i for i, v in enumerate(self.views) if v.inflight < self.max_ongoing]
+        free = free or list(range(len(self.views)))
+        if req.adapter is not None:
+            holders = [i for i in free if req.adapter in self.models[i]]
+            if holders:
+                return self._two_choices(holders)
+            fewest = min(len(self.models[i]) for i in free)
+            free = [i for i in free if len(self.models[i]) == fewest]
+        return self._two_choices(free)
+
+    def _routed(self, i: int, req: RouteRequest) -> None:
+        if req.adapter is None:
+            return
+        lru = self.models[i]
+        lru[req.adapter] = None
+        lru.move_to_end(req.adapter)
+        if len(lru) > self.max_models:
+            lru.popitem(last=False)
+
+
+class PrefixAware(Router):
+    """SGLang's cache-aware router, adapter-blind: while the load is balanced, the replica
+    whose (router-side, approximate) tree matches most of the prompt if it matches more
+    than `cache_threshold` of it, else the one with the smallest tree; when imbalanced
+    (max - min > abs and max > rel x min requests), the least loaded. Defaults are
+    sglang_router's."""
+
+    name = "prefix"
+
+    def __init__(self, num_replicas: int, costs: RouteCosts, seed: int = 0,
+                 cache_threshold: float = 0.3, balance_abs: int = 64,
+                 balance_rel: float = 1.5) -> None:
+        super().__init__(num_replicas, costs, seed)
+        self.cache_threshold = cache_threshold
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+        self.trees: list[set[int]] = [set() for _ in self.views]
+
+    def choose(self, req: RouteRequest) -> int:
+        loads = [v.inflight for v in self.views]
+        lo, hi = min(loads), max(loads)
+        if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
+            return loads.index(lo)
+        hashes = req.blind_hashes
+        n = len(hashes)
+        matched = [_prefix_in(hashes, 0, n, t) for t in self.trees]
+        best = max(range(len(self.views)), key=lambda i: (matched[i], -loads[i], -i))
+        if n and matched[best] / n > self.cache_threshold:
+            return best
+        return min(range(len(self.views)), key=lambda i: (len(self.trees[i]), loads[i], i))
+
+    def _routed(self, i: int, req: RouteRequest) -> None:
+        self.trees[i].update(req.blind_hashes)
+
+
+class FastLibra(Router):
+    """The lowest estimated TTFT (`Router.estimate`); ties go to the less loaded, then
+    the lower index."""
+
+    name = "fastlibra"
+
+    def choose(self, req: RouteRequest) -> int:
+        views = self.views
+        return min(range(len(views)), key=lambda i: (self.estimate(req, i), views[i].inflight, i))
+
+
+ROUTERS: dict[str, type[Router]] = {
+    r.name: r for r in (RoundRobin, LeastLoaded, Multiplex, PrefixAware, FastLibra)}
+
+
+def make_router(name: str, num_replicas: int, costs: RouteCosts, seed: int = 0) -> Router:
+    try:
+        cls = ROUTERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown router {name!r}; choose from {', '.join(ROUTERS)}") from None
+    return cls(num_replicas, costs, seed)
