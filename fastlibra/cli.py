@@ -15,6 +15,17 @@ def _policies(text: str) -> list[str]:
     return [_policy(p.strip()) for p in text.split(",") if p.strip()]
 
 
+def _routers(text: str) -> list[str]:
+    from fastlibra.router import ROUTERS
+
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for n in names:
+        if n not in ROUTERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown router {n!r}; choose from {', '.join(ROUTERS)}")
+    return names
+
+
 def _floats(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -283,7 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="request rate(s), req/s; a comma list plots TTFT vs rate")
     sim.add_argument("--duration", type=float, default=600.0, help="seconds of arrivals")
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--policy", type=_policies, default=["fastlibra", "vllm", "slora", "sglang"])
+    sim.add_argument("--policy", type=_policies, default=None,
+                     help="cache policies (default fastlibra,vllm,slora,sglang; with "
+                     "--replicas: fastlibra)")
+    sim.add_argument("--replicas", type=int, default=None,
+                     help="simulate this many engines behind a router (one row per router)")
+    sim.add_argument("--router", type=_routers,
+                     default=["round-robin", "least-loaded", "multiplex", "prefix", "fastlibra"],
+                     help="routers compared with --replicas (see fastlibra/router.py)")
+    sim.add_argument("--publish-interval", type=float, default=10.0,
+                     help="seconds between a replica's residency reports to the router")
     sim.add_argument("--device-memory", type=_bytes, default=None,
                      help="unified device pool, e.g. 20GiB (default: HBM - weights - 8%%)")
     sim.add_argument("--host-memory", type=_bytes, default=256 * 2**30)

@@ -94,15 +94,16 @@ class RouteRequest:
         return chain_hashes(0, self.tokens, self.block_size)
 
 
-def _prefix_in(hashes: list[int], start: int, limit: int, *sets: set[int]) -> int:
-    """Largest m in [start, limit] with hashes[start:m] all in one of `sets` (given that
-    hashes[:start] are). Chained hashes make a cached prefix's blocks all present, so
+def _prefix_in(hashes: list[int], start: int, limit: int, first: set[int],
+               second: set[int] | None = None) -> int:
+    """Largest m in [start, limit] with hashes[start:m] all in `first` or `second` (given
+    that hashes[:start] are). Chained hashes make a cached prefix's blocks all present, so
     membership is monotone along the chain and a binary search finds its end."""
     lo, hi = start, limit
     while lo < hi:
         mid = (lo + hi + 1) // 2
         h = hashes[mid - 1]
-        if any(h in s for s in sets):
+        if h in first or (second is not None and h in second):
             lo = mid
         else:
             hi = mid - 1
@@ -125,8 +126,8 @@ class ReplicaView:
         """(device, host) blocks of the request's prompt cached here for its adapter."""
         hashes = req.hashes
         dev = _prefix_in(hashes, 0, req.usable_blocks, self.device_prefixes)
-        both = _prefix_in(hashes, dev, req.usable_blocks, self.device_prefixes,
-                          self.host_prefixes)
+        both = _prefix_in(hashes, dev, req.usable_blocks, self.host_prefixes,
+                          self.device_prefixes)
         return dev, both - dev
 
 
@@ -154,16 +155,29 @@ class Router:
         return c.hardware.prefill_time(len(req.tokens) - cached, cached) \
             + c.hardware.h2d_time(host * c.block_bytes)
 
-    def queue_wait_s(self, view: ReplicaView) -> float:
-        """Prefill work queued ahead, and one token per running request in the step."""
-        return view.queued_prefill_s + view.inflight * self.costs.hardware.prefill_per_token
-
-    def estimate(self, req: RouteRequest, i: int) -> float:
-        """Expected TTFT of `req` on replica i (seconds)."""
-        v = self.views[i]
-        adapter = 0.0 if req.adapter is None else self.costs.adapter_miss(
-            v.adapters.get(req.adapter))
-        return self.queue_wait_s(v) + adapter + self.prefill_s(req, v)
+    def estimates(self, req: RouteRequest) -> list[float]:
+        """Expected TTFT of `req` on each replica (seconds): queue wait (prefill work
+        queued ahead, and one token per running request in each step) + adapter miss +
+        prefill. A replica that holds no block of the prompt skips the prefix search:
+        one set lookup, so a decision over 128 replicas stays well under a millisecond."""
+        c = self.costs
+        per_running = c.hardware.prefill_per_token
+        miss = {tier: c.adapter_miss(tier) for tier in (Tier.DEVICE, Tier.HOST, Tier.DISK)}
+        absent = c.adapter_miss(None)
+        adapter = req.adapter
+        cold = c.hardware.prefill_time(len(req.tokens))
+        first = req.hashes[0] if req.usable_blocks else None
+        out = []
+        for v in self.views:
+            est = v.queued_prefill_s + v.inflight * per_running
+            if adapter is not None:
+                est += miss.get(v.adapters.get(adapter), absent)
+            if first is not None and (first in v.device_prefixes or first in v.host_prefixes):
+                est += self.prefill_s(req, v)
+            else:
+                est += cold
+            out.append(est)
+        return out
 
     # -- events ---------------------------------------------------------------------------
     def route(self, req: RouteRequest) -> int:
@@ -309,14 +323,14 @@ class PrefixAware(Router):
 
 
 class FastLibra(Router):
-    """The lowest estimated TTFT (`Router.estimate`); ties go to the less loaded, then
+    """The lowest estimated TTFT (`Router.estimates`); ties go to the less loaded, then
     the lower index."""
 
     name = "fastlibra"
 
     def choose(self, req: RouteRequest) -> int:
-        views = self.views
-        return min(range(len(views)), key=lambda i: (self.estimate(req, i), views[i].inflight, i))
+        est, views = self.estimates(req), self.views
+        return min(range(len(views)), key=lambda i: (est[i], views[i].inflight, i))
 
 
 ROUTERS: dict[str, type[Router]] = {

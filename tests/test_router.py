@@ -56,9 +56,9 @@ def test_the_adapter_tier_decides_between_replicas_with_nothing_cached():
     for i, tier in enumerate([Tier.DISK, Tier.HOST, Tier.DEVICE]):
         publish(r, i, {"a": tier})
     q = req("q", "a", blocks(5, 6) + (1,))  # 9 tokens, nothing cached: 0.09 s of prefill
-    assert [round(r.estimate(q, i), 6) for i in range(3)] == [1.09, 0.19, 0.09]
+    assert [round(e, 6) for e in r.estimates(q)] == [1.09, 0.19, 0.09]
     assert r.route(q) == 2
-    assert r.estimate(req("x", None, (1,)), 0) == pytest.approx(0.01)  # base: no adapter cost
+    assert r.estimates(req("x", None, (1,)))[0] == pytest.approx(0.01)  # base: no adapter cost
 
 
 def test_a_prefix_counts_only_under_its_own_adapter_and_host_blocks_pay_their_copy():
@@ -72,7 +72,7 @@ def test_a_prefix_counts_only_under_its_own_adapter_and_host_blocks_pay_their_co
     publish(r, 2, {"a": Tier.DEVICE}, device=prefixes("a", blocks(1)))
     q = req("q", "a", prompt)
     assert [r.views[i].cached_blocks(q) for i in range(3)] == [(0, 0), (0, 2), (1, 0)]
-    assert [round(r.estimate(q, i), 6) for i in range(3)] == [0.09, 0.03, 0.05]
+    assert [round(e, 6) for e in r.estimates(q)] == [0.09, 0.03, 0.05]
     assert r.route(q) == 1
 
 

@@ -30,23 +30,39 @@ TABLE_COLUMNS = [
     ("device_mem_util", "mem util", 100, "{:7.1f}%"),
     ("completed", "done", 1, "{:6d}"),
 ]
+CLUSTER_COLUMNS = [
+    *TABLE_COLUMNS[:5],
+    ("device_hit_rate", "dev hit", 100, "{:6.1f}%"),
+    ("host_hit_rate", "host hit", 100, "{:6.1f}%"),
+    ("ttft_queue", "queue", 1e3, "{:8.1f}"),
+    ("ttft_adapter", "adapter", 1e3, "{:7.1f}"),
+    ("ttft_kv", "KV", 1e3, "{:6.1f}"),
+    ("ttft_prefill", "prefill", 1e3, "{:7.1f}"),
+    ("adapter_load_gib", "adapter GiB", 1, "{:11.1f}"),
+    ("load_imbalance", "max/mean load", 1, "{:13.2f}"),
+    ("decision_us_mean", "decision us", 1, "{:11.0f}"),
+    ("completed", "done", 1, "{:6d}"),
+]
+"""`simulate --replicas`: one row per router; load = requests routed to a replica."""
 
 
-def format_table(results: dict[str, dict]) -> str:
-    """One row per policy; times in ms. The TTFT breakdown columns sum to TTFT mean."""
-    head = f"{'policy':16s}"
-    for _, title, _, fmt in TABLE_COLUMNS:
+def format_table(results: dict[str, dict], columns=TABLE_COLUMNS, label: str = "policy") -> str:
+    """One row per policy (or router); times in ms. The TTFT breakdown columns sum to TTFT
+    mean."""
+    head = f"{label:16s}"
+    for _, title, _, fmt in columns:
         width = len(fmt.format(0)) if "d" not in fmt else len(fmt.format(0))
         head += " " + title.rjust(width)
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         row = f"{name:16s}"
-        for key, _, scale, fmt in TABLE_COLUMNS:
+        for key, _, scale, fmt in columns:
             v = r[key]
             row += " " + (fmt.format(int(v)) if "d}" in fmt else fmt.format(v * scale))
         lines.append(row)
     lines.append("times in ms; queue + adapter + KV + prefill = TTFT mean (the paper's "
-                 "breakdown); invalid KV: device blocks whose adapter is not on device, x seconds")
+                 "breakdown)" + ("; invalid KV: device blocks whose adapter is not on device, "
+                                 "x seconds" if columns is TABLE_COLUMNS else ""))
     for name, r in results.items():
         if "learned_half_life_s" in r:
             lines.append(f"{name} learned: half-life {r['learned_half_life_s']:.1f} s; "
@@ -114,6 +130,19 @@ def plot_composition(result: dict, policy: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_replicas_per_adapter(result: dict, router: str, path: Path) -> Path:
+    """Replicas holding each of the most requested adapters on device, over time: a hot
+    adapter spreads while it is hot and shrinks back when it cools."""
+    plt = pyplot()
+    samples = result["replicas_per_adapter"]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, counts in samples.items():
+        if name != "t":
+            ax.step(samples["t"], counts, where="post", label=name)
+    return _save(fig, ax, path, f"replicas holding each hot adapter on device: {router}",
+                 "time (s)", "replicas")
 
 
 # -- where a result was measured ------------------------------------------------------

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from fastlibra.bench.report import (
+    CLUSTER_COLUMNS,
     format_table,
     plot_composition,
+    plot_replicas_per_adapter,
     plot_ttft_cdf,
     plot_ttft_vs_rate,
     write_json,
 )
 from fastlibra.config import ConfigError, LoraShape, ModelShape
 from fastlibra.engine.request import Request
+from fastlibra.sim.cluster import ClusterSetup, simulate_cluster
 from fastlibra.sim.profiles import MODELS, SimProfile, resolve_gpu
 from fastlibra.sim.simulate import SimSetup, adapter_names, count_requests, simulate
 from fastlibra.traces import load_trace
@@ -61,6 +65,9 @@ def build_requests(workload: str, rate: float, num_adapters: int, zipf: float,
     return make_workload(spec)
 
 
+DEFAULT_POLICIES = ["fastlibra", "vllm", "slora", "sglang"]
+
+
 def run_simulate(args) -> int:
     profile = named_profile(args.model, args.hardware, args.tp, args.adapter_rank)
     setup = SimSetup(profile, device_memory=args.device_memory, host_memory=args.host_memory,
@@ -71,6 +78,9 @@ def run_simulate(args) -> int:
           f"({cfg.device_blocks * cfg.block_bytes / 2**30:.1f} GiB), host pool "
           f"{cfg.host_blocks} blocks; adapters of rank {args.adapter_rank} take "
           f"{cfg.blocks_for_bytes(profile.lora.nbytes(profile.model))} blocks each")
+    if args.replicas is not None:
+        return _run_cluster(args, setup)
+    args.policy = args.policy or DEFAULT_POLICIES
     by_rate: dict[float, dict[str, dict]] = {}
     for rate in args.rate:
         requests = build_requests(args.workload, rate, args.num_adapters, args.zipf,
@@ -105,5 +115,55 @@ def run_simulate(args) -> int:
             paths.append(plot_ttft_vs_rate(by_rate, out / "ttft_vs_rate.png", title))
         for policy, result in first.items():
             paths.append(plot_composition(result, policy, out / f"composition_{policy}.png"))
+        print("plots: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _run_cluster(args, setup: SimSetup) -> int:
+    """`--replicas N`: the workload at each rate through N engines, once per router (and
+    cache policy), in one process; table, JSON, and plots of TTFT vs rate and of the
+    replicas holding each hot adapter over time."""
+    if args.replicas < 1:
+        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
+    cluster = ClusterSetup(setup, args.replicas, publish_interval_s=args.publish_interval)
+    policies = args.policy or ["fastlibra"]
+    runs = [(r, p, r if len(policies) == 1 else f"{r}/{p}")
+            for r in args.router for p in policies]
+    by_rate: dict[float, dict[str, dict]] = {}
+    for rate in args.rate:
+        requests = build_requests(args.workload, rate, args.num_adapters, args.zipf,
+                                  args.duration, args.seed)
+        n = count_requests(requests)
+        results = {}
+        for router, policy, label in runs:
+            start = time.perf_counter()
+            with tqdm(total=n, unit="req", leave=False, desc=f"{label} @ {rate:g} req/s") as bar:
+                results[label] = simulate_cluster(router, policy, requests, cluster, args.seed, bar)
+            results[label]["wall_s"] = time.perf_counter() - start
+        by_rate[rate] = results
+        print(f"\n{args.workload} at {rate:g} req/s on {args.replicas} replicas ({n} requests, "
+              f"{len(adapter_names(requests))} adapters):")
+        print(format_table(results, CLUSTER_COLUMNS, "router"))
+        print("simulated in " + ", ".join(f"{k} {r['wall_s']:.1f} s" for k, r in results.items()))
+    first = by_rate[args.rate[0]]
+    if args.output_json:
+        def strip(res):
+            return {k: {f: v for f, v in r.items() if f != "ttfts"} for k, r in res.items()}
+        write_json(args.output_json, {
+            "workload": args.workload, "model": args.model, "hardware": args.hardware,
+            "replicas": args.replicas, "num_adapters": args.num_adapters, "zipf": args.zipf,
+            "seed": args.seed, "publish_interval_s": args.publish_interval,
+            "rate": args.rate[0], "routers": strip(first),
+            "by_rate": {str(r): {"routers": strip(res)} for r, res in by_rate.items()}})
+    if args.plot:
+        out = Path(args.plot)
+        out.mkdir(parents=True, exist_ok=True)
+        title = f"{args.workload}, {args.replicas} replicas"
+        paths = [plot_ttft_cdf(first, out / "ttft_cdf.png", f"{title}, {args.rate[0]:g} req/s")]
+        if len(by_rate) > 1:
+            paths.append(plot_ttft_vs_rate(by_rate, out / "ttft_vs_rate.png", title))
+        for label, result in first.items():
+            paths.append(plot_replicas_per_adapter(
+                result, label, out / f"replicas_per_adapter_{label.replace('/', '_')}.png"))
         print("plots: " + ", ".join(str(p) for p in paths))
     return 0

@@ -46,7 +46,7 @@ class Runner(Protocol):
 
 class Engine:
     def __init__(self, cfg: SchedulerConfig, cache: CacheManager, runner: Runner,
-                 observer=None) -> None:
+                 observer=None, next_turns=None) -> None:
         self.cache = cache
         self.runner = runner
         self.scheduler = Scheduler(cfg, cache)
@@ -54,6 +54,9 @@ class Engine:
         self.finished: list[Request] = []
         self.observer = observer
         """Called as observer(engine) after every step (metrics sampling, progress)."""
+        self.next_turns = next_turns if next_turns is not None else self.add_request
+        """Where a finished request's follow-up turn goes, its arrival set: this engine's
+        queue, or a cluster's router."""
         self._arrivals: list[tuple[float, int, Request]] = []
         self._seq = itertools.count()
 
@@ -68,14 +71,16 @@ class Engine:
         return bool(self._arrivals) or self.scheduler.has_work
 
     # -- the loop -----------------------------------------------------------------------
-    def step(self) -> list[Request]:
-        """One scheduler step; returns the requests that finished in it."""
+    def step(self, until: float | None = None) -> list[Request]:
+        """One scheduler step; returns the requests that finished in it. `until` is an
+        event outside the engine (a cluster's next arrival) that fused decode steps must
+        not run past, since it may bring work here."""
         self._admit_arrivals()
         batch = self.scheduler.schedule(self.now)
         if not batch:
             self._idle()
             return []
-        batch.num_steps = self._fusable_steps(batch)
+        batch.num_steps = self._fusable_steps(batch, until)
         out = self.runner.execute(batch, self.now)
         self.now += out.duration
         done = self._postprocess(batch, out)
@@ -107,7 +112,7 @@ class Engine:
             # holds only unpinned nodes, so this cannot happen unless allocate is broken.
             raise RuntimeError("scheduler stalled: the queue head never fits an idle pool")
 
-    def _fusable_steps(self, batch: Batch) -> int:
+    def _fusable_steps(self, batch: Batch, until: float | None) -> int:
         """Pure decode with nothing to admit or wake: fuse steps up to the next event."""
         if batch.prefills or self.runner.max_fused_steps <= 1:
             return 1
@@ -120,7 +125,7 @@ class Engine:
         # A blocked head waits for a finish (which ends the fused run); arrivals queue
         # behind it. Otherwise the next arrival may start at once.
         arrival = self._arrivals[0][0] if self._arrivals and not s.waiting else None
-        events = [t for t in (arrival, s.next_ready(self.now)) if t is not None]
+        events = [t for t in (arrival, s.next_ready(self.now), until) if t is not None]
         if events:
             one = self.runner.step_estimate(batch)
             k = min(k, max(1, int((min(events) - self.now) / max(one, 1e-9))))
@@ -154,5 +159,5 @@ class Engine:
                 if req.next_turn is not None:
                     nxt = req.next_turn
                     nxt.arrival = now + req.think_s
-                    self.add_request(nxt)
+                    self.next_turns(nxt)
         return done

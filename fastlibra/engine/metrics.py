@@ -52,23 +52,33 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def latency_summary(finished: list[Request]) -> dict[str, float]:
+    """TTFT percentiles, TPOT and the TTFT breakdown of finished requests."""
+    ttft = [r.ttft for r in finished if r.ttft is not None]
+    return {
+        "ttft_mean": _mean(ttft),
+        "ttft_p50": _pct(ttft, 50),
+        "ttft_p90": _pct(ttft, 90),
+        "ttft_p99": _pct(ttft, 99),
+        "tpot_mean": _mean([r.tpot for r in finished if r.tpot is not None]),
+        "ttft_queue": _mean([r.t_queue for r in finished]),
+        "ttft_adapter": _mean([r.t_adapter_wait for r in finished]),
+        "ttft_kv": _mean([r.t_kv_wait for r in finished]),
+        "ttft_prefill": _mean([r.t_prefill for r in finished]),
+    }
+
+
 def summarize(finished: list[Request], rejected: list[Request], cache: CacheManager,
               timeline: Timeline, elapsed: float) -> dict[str, float]:
     """The numbers of one policy's run (keys are stable: the JSON and tables use them).
     A policy that ranks by the cost model also reports what the model learned."""
-    ttft = [r.ttft for r in finished if r.ttft is not None]
-    tpot = [r.tpot for r in finished if r.tpot is not None]
     st = cache.stats
     capacity = sum(p.capacity for p in cache.device_pools)
     out_tokens = sum(len(r.generated) for r in finished)
     return {
         "completed": len(finished),
         "rejected": len(rejected),
-        "ttft_mean": _mean(ttft),
-        "ttft_p50": _pct(ttft, 50),
-        "ttft_p90": _pct(ttft, 90),
-        "ttft_p99": _pct(ttft, 99),
-        "tpot_mean": _mean(tpot),
+        **latency_summary(finished),
         "throughput_rps": len(finished) / elapsed if elapsed > 0 else 0.0,
         "throughput_tps": out_tokens / elapsed if elapsed > 0 else 0.0,
         "device_hit_rate": st.device_hit_rate,
@@ -77,10 +87,6 @@ def summarize(finished: list[Request], rejected: list[Request], cache: CacheMana
         "swap_in_gib": st.bytes_moved["swap_in"] / 2**30,
         "swap_out_gib": st.bytes_moved["swap_out"] / 2**30,
         "adapter_load_gib": (st.bytes_moved["load"] + st.bytes_moved["load_host"]) / 2**30,
-        "ttft_queue": _mean([r.t_queue for r in finished]),
-        "ttft_adapter": _mean([r.t_adapter_wait for r in finished]),
-        "ttft_kv": _mean([r.t_kv_wait for r in finished]),
-        "ttft_prefill": _mean([r.t_prefill for r in finished]),
         "device_mem_util": timeline.used_block_s / (capacity * elapsed) if elapsed > 0 else 0.0,
         "preemptions": sum(r.num_preemptions for r in finished),
         **(cache.cost.learned() if cache.policy.ranks_by_decay else {}),

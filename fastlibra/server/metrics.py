@@ -11,12 +11,16 @@ server has its own registry.
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fastlibra.cache import Tier
 from fastlibra.calibrate import Calibration
-from fastlibra.llm import AsyncLLM, EngineStats, Output
+from fastlibra.llm import LLM, AsyncLLM, EngineStats, Output
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5,
                    0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
@@ -86,11 +90,15 @@ class ServerMetrics:
                                                 model_name, vllm=compat == "vllm")
         self.registry.register(self._engine_numbers)
         self.registry.register(_CalibrationCollector(engine.llm.calibration, model_name))
+        self._residency = _ResidencyCollector(engine.call(lora_residency, engine.llm).result(),
+                                              model_name)
+        self.registry.register(self._residency)
         engine.on_finish.append(self.observe)
 
     async def render(self) -> bytes:
         """The exposition text, with engine numbers as of now."""
         self._engine_numbers.snapshot = await self.engine.run(self.engine.llm.stats)
+        self._residency.snapshot = await self.engine.run(lora_residency, self.engine.llm)
         return generate_latest(self.registry)
 
     def observe(self, out: Output) -> None:
@@ -207,3 +215,63 @@ class _CalibrationCollector(Collector):
                                 labels=["model_name"])
         c.add_metric([self.model_name], cal.updates)
         yield c
+
+
+# -- where adapters are, for routers outside FastLibra --------------------------------------
+@dataclass(frozen=True)
+class LoraResidency:
+    """Where each adapter is and which adapters requests use, as of one moment."""
+
+    tiers: dict[str, Tier]
+    running: list[str]
+    """Adapters on device, ready to serve (which includes those of running requests)."""
+    waiting: list[str]
+    """Adapters of queued requests."""
+    max_lora: int
+    """`--max-loras` (distinct adapters among running requests) when set, as in vLLM;
+    else how many adapters of the largest registered size the device pool holds."""
+
+
+def lora_residency(llm: LLM) -> LoraResidency:
+    """Read on the engine thread, between steps (like `LLM.stats`)."""
+    cache = llm.cache
+    names = llm.adapter_names
+    tiers = {n: cache.adapters[n].tier for n in names}
+    sched = llm.engine.scheduler
+    on_device = {n for n, t in tiers.items() if t is Tier.DEVICE}
+    largest = max((cache.adapters[n].num_blocks for n in names), default=0)
+    max_lora = sched.cfg.max_loras if sched.cfg.max_loras is not None else \
+        cache.device_adapter_pool.capacity // largest if largest else 0
+    return LoraResidency(
+        tiers, sorted(on_device | {r.adapter for r in sched.running if r.adapter}),
+        sorted({r.adapter for r in sched.waiting if r.adapter}), max_lora)
+
+
+class _ResidencyCollector(Collector):
+    """`fastlibra:lora_adapter_tier` (1 for the tier each adapter is in, 0 for the others)
+    and, under vLLM's name and labels, `vllm:lora_requests_info` (value: the time of the
+    snapshot), which gateways such as llm-d read for LoRA affinity. vLLM lists the adapters
+    of running requests as `running_lora_adapters`; the gateway protocol defines it as the
+    adapters loaded and ready to serve, which is what we list: everything on device."""
+
+    def __init__(self, snapshot: LoraResidency, model_name: str, clock=time.time) -> None:
+        self.snapshot = snapshot
+        self.model_name = model_name
+        self.clock = clock
+
+    def collect(self):
+        s = self.snapshot
+        tier = GaugeMetricFamily("fastlibra:lora_adapter_tier",
+                                 "1 for the memory tier each adapter is in (device, host, "
+                                 "disk), 0 for the others.",
+                                 labels=["model_name", "adapter", "tier"])
+        for name, where in s.tiers.items():
+            for t in Tier:
+                tier.add_metric([self.model_name, name, t.name.lower()], float(t is where))
+        yield tier
+        info = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                                 labels=["max_lora", "running_lora_adapters",
+                                         "waiting_lora_adapters"])
+        info.add_metric([str(s.max_lora), ",".join(s.running), ",".join(s.waiting)],
+                        self.clock())
+        yield info

@@ -74,6 +74,18 @@ def count_requests(requests: list[Request]) -> int:
     return n
 
 
+def build_cache(policy: str, setup: SimSetup, adapters: list[str]) -> CacheManager:
+    """One engine's cache under `policy` on the simulated copy engine, `adapters` registered."""
+    share = setup.adapter_share if get_policy(policy).adapter_share is not None else None
+    cache = CacheManager(setup.cache_config(), get_policy(policy, share),
+                         SimMover(setup.profile))
+    uniform = setup.profile.lora.nbytes(setup.profile.model)
+    sizes = setup.adapter_bytes or {}
+    for name in adapters:
+        cache.register_adapter(name, sizes.get(name, uniform))
+    return cache
+
+
 def simulate(policy: str, requests: list[Request], setup: SimSetup,
              progress: tqdm | None = None, timeline_interval_s: float = 1.0,
              records: list[dict] | None = None) -> dict:
@@ -81,13 +93,7 @@ def simulate(policy: str, requests: list[Request], setup: SimSetup,
     `records`, if given, gets one entry per finished request (`bench fidelity` compares
     them with the real engine's, request by request)."""
     requests = [r.fresh_copy() for r in requests]
-    share = setup.adapter_share if get_policy(policy).adapter_share is not None else None
-    cache = CacheManager(setup.cache_config(), get_policy(policy, share),
-                         SimMover(setup.profile))
-    uniform = setup.profile.lora.nbytes(setup.profile.model)
-    sizes = setup.adapter_bytes or {}
-    for name in adapter_names(requests):
-        cache.register_adapter(name, sizes.get(name, uniform))
+    cache = build_cache(policy, setup, adapter_names(requests))
     runner = SimRunner(setup.profile, cache.mover)
     timeline = Timeline(min_interval_s=timeline_interval_s)
     last_done = [0]

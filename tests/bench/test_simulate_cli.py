@@ -162,3 +162,27 @@ def test_adapters_from_disk_starts_every_policy_on_disk(tmp_path):
         loads[bool(flag)] = {p: r["ttft_adapter"] for p, r in doc["policies"].items()}
     for policy in ("fastlibra", "sglang"):
         assert loads[True][policy] > loads[False][policy], policy
+
+
+def test_simulate_replicas_compares_routers_in_a_table_json_and_plots(tmp_path, capsys):
+    out, plots = tmp_path / "cluster.json", tmp_path / "plots"
+    assert main(["simulate", "--workload", "drift", "--replicas", "3", "--router",
+                 "round-robin,fastlibra", "--rate", "3,6", "--duration", "20",
+                 "--num-adapters", "20", "--device-memory", "4GiB", "--output-json", str(out),
+                 "--plot", str(plots)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["replicas"] == 3 and set(doc["by_rate"]) == {"3.0", "6.0"}
+    for r in doc["routers"].values():
+        assert r["completed"] > 0 and r["ttft_p50"] <= r["ttft_p99"]
+        assert r["replicas_per_adapter"]["t"] and len(r["replicas_per_adapter"]) == 9
+    assert {p.name for p in plots.iterdir()} == {
+        "ttft_cdf.png", "ttft_vs_rate.png", "replicas_per_adapter_round-robin.png",
+        "replicas_per_adapter_fastlibra.png"}
+    printed = capsys.readouterr().out
+    assert "on 3 replicas" in printed and "decision us" in printed
+
+
+def test_an_unknown_router_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--replicas", "2", "--router", "fastlibra,ray-default"])
+    assert "unknown router 'ray-default'" in capsys.readouterr().err
