@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="compare cache policies on a workload in the "
                          "simulator (model x hardware step-time profile, no GPU needed)")
     sim.add_argument("--workload", default="chatbot",
-                     help="chatbot, translation, agent, drift, or trace:PATH (our JSONL)")
+                     help="chatbot, translation, agent, drift, agent-drift, or trace:PATH (our "
+                     "JSONL)")
     sim.add_argument("--model", default="llama-2-7b",
                      help="a model of the table (llama-2-7b, llama-3-8b, llama-2-13b, "
                      "codellama-34b, llama-3-70b) or a Hugging Face model directory")
@@ -394,6 +395,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip the Mooncake trace cell (../shared/traces)")
     mech.add_argument("--json", metavar="FILE")
 
+    brouter = bsub.add_parser("router", help="time of one routing decision per router, on a "
+                              "drawn cluster (default 128 replicas, 1,000 adapters)")
+    brouter.add_argument("--replicas", type=int, default=128)
+    brouter.add_argument("--adapters", type=int, default=1000)
+    brouter.add_argument("--sessions-per-replica", type=int, default=50,
+                         help="conversations of 500-4,000 tokens cached on each replica")
+    brouter.add_argument("--requests", type=int, default=2000, help="decisions timed")
+    brouter.add_argument("--router", type=_routers,
+                         default=["round-robin", "least-loaded", "multiplex", "prefix",
+                                  "fastlibra"])
+    brouter.add_argument("--seed", type=int, default=0)
+    brouter.add_argument("--json", metavar="FILE", help="write the results as JSON")
     scale = bsub.add_parser("scale", help="1,000 and 2,000 adapters under random, distinct "
                             "and skewed popularity")
     scale.add_argument("--adapters", type=lambda t: [int(x) for x in t.split(",")],
@@ -561,6 +574,7 @@ _BENCHMARKS = {
     "fidelity": ("fastlibra.bench.fidelity", "run_fidelity"),
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
     "structured": ("fastlibra.bench.structured", "run_structured"),
+    "router": ("fastlibra.bench.router", "run_router_bench"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 

@@ -1,4 +1,5 @@
-"""Seeded workload generators: chatbot, translation, agent and drift.
+"""Seeded workload generators: chatbot, translation, agent, and drift (chatbot sessions
+or agent bursts, `agent-drift`, whose popular adapters change over time).
 
 `make_workload(WorkloadSpec(...))` returns `Request`s sorted by arrival. It is a pure
 function of the spec: all randomness comes from `numpy.random.default_rng(spec.seed)` and
@@ -28,7 +29,7 @@ import numpy as np
 from fastlibra.config import ConfigError
 from fastlibra.engine.request import Request
 
-GENERATORS = ("chatbot", "translation", "agent", "drift")
+GENERATORS = ("chatbot", "translation", "agent", "drift", "agent-drift")
 VOCAB_SIZE = 32000
 _MASK = (1 << 64) - 1
 
@@ -231,7 +232,7 @@ class WorkloadSpec:
                f"max_context={self.max_context} cannot hold a first turn of up to {first} tokens "
                "(system_len + user_len + answer_len maxima); raise it or shrink the ranges")
         first = self.context_len[1] + self.step_len[1] + self.answer_len[1]
-        _check(self.name != "agent" or first <= self.agent_max_context,
+        _check(not self.name.startswith("agent") or first <= self.agent_max_context,
                f"agent_max_context={self.agent_max_context} cannot hold a first step of up to "
                f"{first} tokens (context_len + step_len + answer_len maxima)")
         _check(self.drift_phases >= 1, f"drift_phases must be >= 1, got {self.drift_phases}")
@@ -252,7 +253,8 @@ class WorkloadSpec:
 
 def make_workload(spec: WorkloadSpec) -> list[Request]:
     """Generate the workload `spec` describes; first turns only, sorted by arrival."""
-    gen = {"chatbot": _chat, "drift": _chat, "translation": _translation, "agent": _agent}
+    gen = {"chatbot": _chat, "drift": _chat, "translation": _translation, "agent": _agent,
+           "agent-drift": _agent}
     return gen[spec.name](spec)
 
 
@@ -323,6 +325,7 @@ def _agent(spec: WorkloadSpec) -> list[Request]:
     uniform(burst) steps, step 1 = user context + a new part, step k+1 = step k's prompt +
     its answer + a new part, each step arriving uniform(burst_gap_s) after the previous
     finished (closed loop). A burst stops early rather than exceed agent_max_context.
+    `agent-drift` moves popularity between users by the drift rule.
     """
     rng = np.random.default_rng(spec.seed)
     toks = TokenStreams(spec.seed, spec.vocab_size)
@@ -332,6 +335,8 @@ def _agent(spec: WorkloadSpec) -> list[Request]:
     out: list[Request] = []
     for b, t in enumerate(_arrivals(spec, rng)):
         u = draw(rng)
+        if spec.name == "agent-drift":
+            u = spec.drift_adapter(u, t)
         if u not in contexts:  # made on first use; the fresh-stream counter order is still seeded
             contexts[u] = toks.fresh(ctx_len[u])
         history, prev = contexts[u], None

@@ -150,6 +150,18 @@ def test_drift_hot_set_changes():
     assert not top1 & top4
 
 
+def test_agent_drift_moves_the_busiest_user():
+    drift, plain = (make_workload(spec(name, num_adapters=16, zipf=1.2, rate=0.5,
+                                       duration=400.0)) for name in ("agent-drift", "agent"))
+    # the same bursts; in the first phase the same users, in the last shifted by 12
+    assert [r.arrival for r in drift] == [r.arrival for r in plain]
+    assert [r.adapter for r in drift if r.arrival < 100] == \
+        [r.adapter for r in plain if r.arrival < 100]
+    last = [(Counter(r.adapter for r in reqs if r.arrival >= 300).most_common(1)[0][0])
+            for reqs in (drift, plain)]
+    assert last == ["lora-12", "lora-0"]
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"name": "chat"}, "name must be one of"),
     ({"num_adapters": 0}, "num_adapters"),
