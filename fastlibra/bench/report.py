@@ -133,15 +133,15 @@ def plot_composition(result: dict, policy: str, path: Path) -> Path:
 
 
 def plot_replicas_per_adapter(result: dict, router: str, path: Path) -> Path:
-    """Replicas holding each of the most requested adapters on device, over time: a hot
-    adapter spreads while it is hot and shrinks back when it cools."""
+    """Replicas the router sent each of the most requested adapters to, per interval: a
+    hot adapter spreads while it is hot and shrinks back when it cools."""
     plt = pyplot()
     samples = result["replicas_per_adapter"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, counts in samples.items():
         if name != "t":
             ax.step(samples["t"], counts, where="post", label=name)
-    return _save(fig, ax, path, f"replicas holding each hot adapter on device: {router}",
+    return _save(fig, ax, path, f"replicas serving each hot adapter: {router}",
                  "time (s)", "replicas")
 
 

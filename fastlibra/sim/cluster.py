@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from fastlibra.cache import Tier
 from fastlibra.config import ConfigError
 from fastlibra.engine.engine import Engine
 from fastlibra.engine.metrics import latency_summary
@@ -44,9 +43,10 @@ class ClusterSetup:
     publish_interval_s: float = 10.0
     """Seconds between a replica's residency reports (Ray Serve's routing-stats period)."""
     sample_interval_s: float = 5.0
-    """Seconds between samples of the replicas holding each hot adapter on device."""
+    """Length of the intervals over which the replicas serving each hot adapter are
+    counted."""
     tracked_adapters: int = 8
-    """The most requested adapters whose replica count is sampled over time."""
+    """The most requested adapters whose replica count is recorded over time."""
 
     def __post_init__(self) -> None:
         if self.num_replicas < 1:
@@ -68,7 +68,8 @@ def simulate_cluster(router_name: str, policy: str, requests: list[Request],
                      progress: tqdm | None = None) -> dict:
     """`requests` (a fresh copy) through `cluster.num_replicas` engines under `policy`,
     placed by the router `router_name`; returns latency, cache and routing numbers, and
-    the replicas holding each tracked adapter over time."""
+    for each tracked adapter how many replicas the router sent it to in each interval (at
+    the interval's end time): a hot adapter spreads, and shrinks back when it cools."""
     setup = cluster.replica
     requests = [r.fresh_copy() for r in requests]
     names = adapter_names(requests)
@@ -90,6 +91,7 @@ def simulate_cluster(router_name: str, policy: str, requests: list[Request],
     popular = Counter(r.adapter for r in _turns(requests) if r.adapter)
     tracked = [a for a, _ in popular.most_common(cluster.tracked_adapters)]
     samples: dict[str, list] = {"t": [], **{a: [] for a in tracked}}
+    serving: dict[str, set[int]] = {a: set() for a in tracked}
     next_sample = min((r.arrival for r in requests), default=0.0)
 
     n = cluster.num_replicas
@@ -133,19 +135,26 @@ def simulate_cluster(router_name: str, policy: str, requests: list[Request],
             wake(i)
             continue
         t, _, req = heapq.heappop(arrivals)
-        while t >= next_sample:
+        while t >= next_sample + cluster.sample_interval_s:
+            next_sample += cluster.sample_interval_s
             samples["t"].append(next_sample)
             for a in tracked:
-                samples[a].append(sum(e.cache.adapters[a].tier is Tier.DEVICE for e in engines))
-            next_sample += cluster.sample_interval_s
+                samples[a].append(len(serving[a]))
+                serving[a].clear()
         start = time.perf_counter()
         i = router.route(RouteRequest(req.request_id, req.adapter, req.prompt, cfg.block_size))
         decisions.append(time.perf_counter() - start)
         routed[i] += 1
+        if req.adapter in serving:
+            serving[req.adapter].add(i)
         engines[i].add_request(req)
         no_token[i].append(req)
         wake(i)
 
+    if any(serving.values()):  # the last interval, cut short by the last arrival
+        samples["t"].append(next_sample + cluster.sample_interval_s)
+        for a in tracked:
+            samples[a].append(len(serving[a]))
     stats = [e.cache.stats for e in engines]
     prompt = sum(s.prompt_tokens for s in stats)
     moved = {k: sum(s.bytes_moved[k] for s in stats) / 2**30 for k in stats[0].bytes_moved}

@@ -56,16 +56,17 @@ def test_same_seed_gives_the_same_result_twice():
         json.dumps({k: v for k, v in b.items() if k not in TIMED}, sort_keys=True)
 
 
-def test_replicas_holding_an_adapter_are_sampled_over_time():
-    # one request of lora-0 per second, each short: round robin loads it on both replicas;
-    # fastlibra keeps it on the one that has it (the load never outweighs the copy)
+def test_the_replicas_serving_an_adapter_are_counted_per_interval():
+    # one short request of lora-0 per second, counted over [0, 5), [5, 10), [10, 15):
+    # round robin spreads it over both replicas; fastlibra keeps it on the one that has
+    # it (the load never outweighs a copy of the adapter)
     reqs = [Request(f"r{k}", list(range(10 * k, 10 * k + 40)), 4, arrival=float(k),
                     adapter="lora-0", output=[1, 2, 3, 4]) for k in range(12)]
     cluster = ClusterSetup(SETUP, 2, sample_interval_s=5.0, tracked_adapters=1)
     rr = simulate_cluster("round-robin", "fastlibra", reqs, cluster)["replicas_per_adapter"]
     fl = simulate_cluster("fastlibra", "fastlibra", reqs, cluster)["replicas_per_adapter"]
-    assert rr == {"t": [0.0, 5.0, 10.0], "lora-0": [0, 2, 2]}
-    assert fl == {"t": [0.0, 5.0, 10.0], "lora-0": [0, 1, 1]}
+    assert rr == {"t": [5.0, 10.0, 15.0], "lora-0": [2, 2, 2]}
+    assert fl == {"t": [5.0, 10.0, 15.0], "lora-0": [1, 1, 1]}
 
 
 def test_fused_decode_steps_stop_at_an_outside_event():
