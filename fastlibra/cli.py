@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="skip the Mooncake trace cell (../shared/traces)")
     mech.add_argument("--json", metavar="FILE")
 
-    brouter = bsub.add_parser("router", help="time of one routing decision per router, on a "
+    brouter = bsub.add_parser("routing", help="time of one routing decision per router, on a "
                               "drawn cluster (default 128 replicas, 1,000 adapters)")
     brouter.add_argument("--replicas", type=int, default=128)
     brouter.add_argument("--adapters", type=int, default=1000)
@@ -574,7 +574,7 @@ _BENCHMARKS = {
     "fidelity": ("fastlibra.bench.fidelity", "run_fidelity"),
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
     "structured": ("fastlibra.bench.structured", "run_structured"),
-    "router": ("fastlibra.bench.router", "run_router_bench"),
+    "routing": ("fastlibra.bench.routing", "run_routing_bench"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 

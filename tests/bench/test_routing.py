@@ -1,4 +1,4 @@
-"""`fastlibra bench router`: one decision time per router, as a line and in JSON."""
+"""`fastlibra bench routing`: one decision time per router, as a line and in JSON."""
 
 import json
 
@@ -7,7 +7,7 @@ from fastlibra.cli import main
 
 def test_bench_router_prints_and_records_a_decision_time_per_router(tmp_path, capsys):
     out = tmp_path / "router.json"
-    assert main(["bench", "router", "--replicas", "8", "--adapters", "20",
+    assert main(["bench", "routing", "--replicas", "8", "--adapters", "20",
                  "--sessions-per-replica", "3", "--requests", "50",
                  "--router", "least-loaded,fastlibra", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())

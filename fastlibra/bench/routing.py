@@ -1,4 +1,4 @@
-"""`fastlibra bench router`: how long one routing decision takes, per router.
+"""`fastlibra bench routing`: how long one routing decision takes, per router.
 
 A cluster in a steady state is drawn once (seeded): every replica publishes the tiers of
 `--adapters` adapters (a fifth on device, half on host, the rest on disk) and the prefix
@@ -43,7 +43,7 @@ def _cluster(args, rng: random.Random):
     return residencies, conversations
 
 
-def run_router_bench(args) -> int:
+def run_routing_bench(args) -> int:
     rng = random.Random(args.seed)
     residencies, conversations = _cluster(args, rng)
     requests = []
