@@ -15,7 +15,8 @@ serve.
 cost model, and takes the lowest:
 
     queue wait        prefill seconds of the requests ahead that have no first token
-                      yet + one token per running request in each step it shares
+                      yet + in the step it shares, one token per running request and
+                      the read of their contexts' KV
     + adapter miss    device 0 | host: bytes / h2d | disk or absent: a file load
     + prefill         of the prompt tokens not cached there for this adapter, after the
                       cached prefix; cached blocks on host add their copy in
@@ -50,16 +51,22 @@ class RouteCosts:
     block_size: int
     block_bytes: int
     adapter_bytes: int
+    kv_read_s: float = 0.0
+    """Seconds a decode step spends reading one context token's KV (KV bytes per token /
+    HBM bandwidth): every running request's context is read in every step a prefill
+    shares, which is what makes a replica with long conversations running slow."""
 
     def __post_init__(self) -> None:
         for f in ("block_size", "block_bytes", "adapter_bytes"):
             if getattr(self, f) < 1:
                 raise ConfigError(f"RouteCosts.{f} must be >= 1, got {getattr(self, f)}")
+        if not self.kv_read_s >= 0:
+            raise ConfigError(f"RouteCosts.kv_read_s must be >= 0, got {self.kv_read_s}")
 
     @classmethod
-    def of(cls, cfg: CacheConfig, adapter_bytes: int) -> RouteCosts:
+    def of(cls, cfg: CacheConfig, adapter_bytes: int, kv_read_s: float = 0.0) -> RouteCosts:
         """The costs of replicas built from `cfg`."""
-        return cls(cfg.hardware, cfg.block_size, cfg.block_bytes, adapter_bytes)
+        return cls(cfg.hardware, cfg.block_size, cfg.block_bytes, adapter_bytes, kv_read_s)
 
     def adapter_miss(self, tier: Tier | None) -> float:
         """Seconds to bring the adapter to the device from `tier` (None: not there at all,
@@ -118,6 +125,8 @@ class ReplicaView:
     """Requests routed there and not finished."""
     queued_prefill_s: float = 0.0
     """Estimated prefill seconds of its requests that have no first token yet."""
+    context_tokens: int = 0
+    """Prompt tokens of its requests in flight: the KV each step reads."""
     adapters: dict[str, Tier] = field(default_factory=dict)
     device_prefixes: set[int] = field(default_factory=set)
     host_prefixes: set[int] = field(default_factory=set)
@@ -144,7 +153,7 @@ class Router:
         self.views = [ReplicaView() for _ in range(num_replicas)]
         self.rng = random.Random(seed)
         self._open: dict[str, list] = {}
-        """request id -> [replica, prefill seconds still queued there]"""
+        """request id -> [replica, prefill seconds still queued there, the request]"""
 
     # -- the estimates every router can read ---------------------------------------------
     def prefill_s(self, req: RouteRequest, view: ReplicaView) -> float:
@@ -157,11 +166,12 @@ class Router:
 
     def estimates(self, req: RouteRequest) -> list[float]:
         """Expected TTFT of `req` on each replica (seconds): queue wait (prefill work
-        queued ahead, and one token per running request in each step) + adapter miss +
-        prefill. A replica that holds no block of the prompt skips the prefix search:
-        one set lookup, so a decision over 128 replicas stays well under a millisecond."""
+        queued ahead, and in the step it shares one token per running request and the
+        read of their contexts' KV) + adapter miss + prefill. A replica that holds no
+        block of the prompt skips the prefix search: one set lookup, so a decision over
+        128 replicas stays well under a millisecond."""
         c = self.costs
-        per_running = c.hardware.prefill_per_token
+        per_running, per_context = c.hardware.prefill_per_token, c.kv_read_s
         miss = {tier: c.adapter_miss(tier) for tier in (Tier.DEVICE, Tier.HOST, Tier.DISK)}
         absent = c.adapter_miss(None)
         adapter = req.adapter
@@ -169,7 +179,7 @@ class Router:
         first = req.hashes[0] if req.usable_blocks else None
         out = []
         for v in self.views:
-            est = v.queued_prefill_s + v.inflight * per_running
+            est = v.queued_prefill_s + v.inflight * per_running + v.context_tokens * per_context
             if adapter is not None:
                 est += miss.get(v.adapters.get(adapter), absent)
             if first is not None and (first in v.device_prefixes or first in v.host_prefixes):
@@ -189,7 +199,8 @@ class Router:
         queued = self.prefill_s(req, v)
         v.inflight += 1
         v.queued_prefill_s += queued
-        self._open[req.request_id] = [i, queued]
+        v.context_tokens += len(req.tokens)
+        self._open[req.request_id] = [i, queued, req]
         if req.adapter is not None:
             v.adapters[req.adapter] = Tier.DEVICE
         v.device_prefixes.update(req.hashes)
@@ -204,15 +215,23 @@ class Router:
     def finish(self, request_id: str) -> None:
         """The request ended (finished, failed or aborted)."""
         self.first_token(request_id)
-        i, _ = self._open.pop(request_id)
+        i, _, req = self._open.pop(request_id)
         self.views[i].inflight -= 1
+        self.views[i].context_tokens -= len(req.tokens)
 
     def publish(self, i: int, residency: Residency) -> None:
-        """Replica i's own account of its cache replaces the router's guesses."""
+        """Replica i's own account of its cache replaces the router's guesses, except for
+        the requests still running there: their KV joins the cache when they finish, and
+        their next turns should find it."""
         v = self.views[i]
         v.adapters = residency.adapters
         v.device_prefixes = residency.device_prefixes
         v.host_prefixes = residency.host_prefixes
+        for j, _, req in self._open.values():
+            if j == i:
+                v.device_prefixes.update(req.hashes)
+                if req.adapter is not None:
+                    v.adapters[req.adapter] = Tier.DEVICE
 
     # -- strategy -------------------------------------------------------------------------
     def choose(self, req: RouteRequest) -> int:

@@ -108,6 +108,36 @@ def test_a_session_stays_with_its_kv_until_the_queue_there_outweighs_recomputing
     assert r.choose(req("t2", "a", history)) == 1
 
 
+def test_running_conversations_make_a_replica_slower_by_the_kv_each_step_reads():
+    costs = RouteCosts(HW, block_size=4, block_bytes=10, adapter_bytes=100, kv_read_s=0.001)
+    r = FastLibra(2, costs)
+    for i in range(2):
+        publish(r, i, {"a": Tier.DEVICE})
+    r.route(req("long", "a", tuple(range(200))))   # replica 0: 200 tokens in flight
+    r.first_token("long")
+    r.route(req("short", "a", tuple(range(500, 510))))  # replica 1: 10 tokens in flight
+    r.first_token("short")
+    # both run one request (0.01 s); their contexts cost 0.2 s and 0.01 s per step
+    q = req("q", "a", blocks(7) + (1,))
+    assert [round(e, 6) for e in r.estimates(q)] == [0.26, 0.07]
+    assert r.route(q) == 1
+    r.finish("long")
+    assert r.views[0].context_tokens == 0 and r.estimates(q)[0] == pytest.approx(0.05)
+
+
+def test_a_publication_keeps_the_prompts_of_requests_still_running_there():
+    r = FastLibra(2, COSTS)
+    turn1 = blocks(1, 2, 3) + (4,)
+    assert r.route(req("t1", "a", turn1)) == 0
+    publish(r, 0, {"a": Tier.HOST})  # taken while t1 runs: its KV is not cached yet
+    turn2 = req("t2", "a", turn1 + (5, 6, 7, 8, 9))
+    assert r.views[0].cached_blocks(turn2) == (3, 0)
+    assert r.views[0].adapters == {"a": Tier.DEVICE}
+    r.finish("t1")
+    publish(r, 0, {"a": Tier.HOST})  # t1 ended and the replica dropped its KV
+    assert r.views[0].cached_blocks(turn2) == (0, 0)
+
+
 def test_the_router_amends_its_view_as_it_routes_and_publication_replaces_it():
     r = FastLibra(2, COSTS)
     prompt = blocks(1, 2) + (3,)

@@ -84,7 +84,8 @@ def simulate_cluster(router_name: str, policy: str, requests: list[Request],
                for c in caches]
     cfg = engines[0].cache.cfg
     router = make_router(router_name, cluster.num_replicas,
-                         RouteCosts.of(cfg, setup.profile.lora.nbytes(setup.profile.model)),
+                         RouteCosts.of(cfg, setup.profile.lora.nbytes(setup.profile.model),
+                                       setup.profile.kv_read_time()),
                          seed)
     for r in requests:
         arrive(r)

@@ -268,6 +268,11 @@ class SimProfile:
     def prefill_time(self, new_tokens: int, prefix: int = 0) -> float:
         return self.step_time([(new_tokens, prefix)], 0, 0, 0)
 
+    def kv_read_time(self) -> float:
+        """Seconds a step spends reading one context token's KV for a decode."""
+        m, g = self.model, self.gpu
+        return m.kv_bytes_per_token / (self.tp * g.hbm_bandwidth * g.mbu)
+
     def hardware_profile(self) -> HardwareProfile:
         """The cost model's view of this setup, fitted to `step_time` so that both agree.
 
