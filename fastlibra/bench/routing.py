@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from fastlibra.bench.report import write_json
+from fastlibra.bench.report import run_facts, write_json
 from fastlibra.cache import Residency, Tier
 from fastlibra.cache.tree import chain_hashes, chain_root
 from fastlibra.config import HardwareProfile
@@ -79,5 +79,6 @@ def run_routing_bench(args) -> int:
     if args.json:
         write_json(args.json, {"replicas": args.replicas, "adapters": args.adapters,
                                "sessions_per_replica": args.sessions_per_replica,
-                               "requests": args.requests, "routers": results})
+                               "requests": args.requests, "routers": results,
+                               "machine": run_facts()})
     return 0

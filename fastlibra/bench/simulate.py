@@ -15,6 +15,7 @@ from fastlibra.bench.report import (
     plot_replicas_per_adapter,
     plot_ttft_cdf,
     plot_ttft_vs_rate,
+    run_facts,
     write_json,
 )
 from fastlibra.config import ConfigError, LoraShape, ModelShape
@@ -154,7 +155,8 @@ def _run_cluster(args, setup: SimSetup) -> int:
             "replicas": args.replicas, "num_adapters": args.num_adapters, "zipf": args.zipf,
             "seed": args.seed, "publish_interval_s": args.publish_interval,
             "rate": args.rate[0], "routers": strip(first),
-            "by_rate": {str(r): {"routers": strip(res)} for r, res in by_rate.items()}})
+            "by_rate": {str(r): {"routers": strip(res)} for r, res in by_rate.items()},
+            "machine": run_facts()})
     if args.plot:
         out = Path(args.plot)
         out.mkdir(parents=True, exist_ok=True)
