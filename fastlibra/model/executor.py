@@ -210,7 +210,10 @@ class ModelExecutor:
         if not rows:
             return {}
         picked = logits[[i for i, _, _ in rows]]
-        finite = torch.isfinite(picked).all(-1).tolist()
+        # A row's sum is NaN or inf if any logit is (and, rarely, if finite logits overflow
+        # it): one value per row to test, and only the rows it flags are checked in full.
+        finite = torch.isfinite(picked.sum(-1)).tolist()
+        finite = [good or bool(torch.isfinite(picked[j]).all()) for j, good in enumerate(finite)]
         ok = [j for j, good in enumerate(finite) if good]
         for j, good in enumerate(finite):
             if not good:
@@ -220,10 +223,12 @@ class ModelExecutor:
                                             "NaN) for this request", s.adapter)
         rids = [rows[j][1] for j in ok]
         params = [self._params.get(r, GREEDY) for r in rids]
-        got = self.sampler.sample(picked[ok], params, rids,
+        if len(ok) < len(rows):
+            picked = picked[ok]
+        got = self.sampler.sample(picked, params, rids,
                                   [(requests[r].prompt, requests[r].generated) for r in rids])
         drawn = [not isinstance(t, Exception) for t in got]
-        lps = token_logprobs(picked[ok], [t if d else 0 for t, d in zip(got, drawn, strict=True)],
+        lps = token_logprobs(picked, [t if d else 0 for t, d in zip(got, drawn, strict=True)],
                              [p.logprobs if d else None
                               for p, d in zip(params, drawn, strict=True)])
         tokens: dict[str, list[int]] = {}
