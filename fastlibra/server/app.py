@@ -10,7 +10,7 @@
 OpenAI's error JSON with a 4xx status naming the field; nothing a client sends should
 make the server answer 500, and no error body carries a path of the server's own (the
 model's and adapters' directories are cut to their last part). Prompts are rendered and
-tokenised on a worker thread, not the engine's or the event loop's, and a body over
+tokenised off the engine thread (long ones on a worker thread, not the event loop), and a body over
 `max_request_bytes` is refused (413) before it is parsed.
 """
 
@@ -354,7 +354,8 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
         Text is tokenised here, on a worker thread, never on the engine thread."""
         rids: list[str] = []
         try:
-            ids = [await asyncio.to_thread(llm.encode, p) for p in prompts]
+            ids = [await _off_loop(llm.encode, p, size=len(p) if isinstance(p, str) else 0)
+                   for p in prompts]
             for p in ids:
                 for j in range(n):
                     sp = params
@@ -440,11 +441,24 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                 raise P.ApiError(400, str(e), e.field) from None
         elif body.tool_choice not in (None, "none"):
             raise P.ApiError(400, "tool_choice needs tools", "tool_choice")
-        text = await asyncio.to_thread(_render_chat, llm, body.conversation(), True,
-                                       body.tools)
+        conversation = body.conversation()
+        text = await _off_loop(_render_chat, llm, conversation, True, body.tools,
+                               size=sum(len(str(m.get("content") or "")) for m in conversation))
         return await complete(request, body, [text], "messages", chat=True, tools=tools)
 
     return app
+
+
+INLINE_TEXT_CHARS = 16384
+"""Text up to this long is rendered and tokenised on the event loop (tens of microseconds,
+cheaper than a hop to a worker thread); longer text on a worker thread, so a huge prompt
+stalls neither the engine nor other clients."""
+
+
+async def _off_loop(fn, *args, size: int):
+    if size <= INLINE_TEXT_CHARS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def _render_chat(llm: LLM, conversation: list[dict], add_generation_prompt: bool,
