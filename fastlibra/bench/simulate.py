@@ -108,16 +108,23 @@ def run_simulate(args) -> int:
                "by_rate": {str(r): {"policies": strip(res)} for r, res in by_rate.items()}}
         write_json(args.output_json, doc)
     if args.plot:
-        out = Path(args.plot)
-        out.mkdir(parents=True, exist_ok=True)
-        title = f"{args.workload}, {args.model}, {args.tp}x{args.hardware}"
-        paths = [plot_ttft_cdf(first, out / "ttft_cdf.png", f"{title}, {args.rate[0]:g} req/s")]
-        if len(by_rate) > 1:
-            paths.append(plot_ttft_vs_rate(by_rate, out / "ttft_vs_rate.png", title))
-        for policy, result in first.items():
-            paths.append(plot_composition(result, policy, out / f"composition_{policy}.png"))
-        print("plots: " + ", ".join(str(p) for p in paths))
+        _plots(by_rate, args, f"{args.workload}, {args.model}, {args.tp}x{args.hardware}",
+               lambda policy, result, out: plot_composition(
+                   result, policy, out / f"composition_{policy}.png"))
     return 0
+
+
+def _plots(by_rate: dict[float, dict[str, dict]], args, title: str, each) -> None:
+    """TTFT CDF at the first rate, TTFT vs rate (with several), and `each(label, result,
+    dir)` per policy or router at the first rate."""
+    out = Path(args.plot)
+    out.mkdir(parents=True, exist_ok=True)
+    first = by_rate[args.rate[0]]
+    paths = [plot_ttft_cdf(first, out / "ttft_cdf.png", f"{title}, {args.rate[0]:g} req/s")]
+    if len(by_rate) > 1:
+        paths.append(plot_ttft_vs_rate(by_rate, out / "ttft_vs_rate.png", title))
+    paths += [each(label, result, out) for label, result in first.items()]
+    print("plots: " + ", ".join(str(p) for p in paths))
 
 
 def _run_cluster(args, setup: SimSetup) -> int:
@@ -158,14 +165,7 @@ def _run_cluster(args, setup: SimSetup) -> int:
             "by_rate": {str(r): {"routers": strip(res)} for r, res in by_rate.items()},
             "machine": run_facts()})
     if args.plot:
-        out = Path(args.plot)
-        out.mkdir(parents=True, exist_ok=True)
-        title = f"{args.workload}, {args.replicas} replicas"
-        paths = [plot_ttft_cdf(first, out / "ttft_cdf.png", f"{title}, {args.rate[0]:g} req/s")]
-        if len(by_rate) > 1:
-            paths.append(plot_ttft_vs_rate(by_rate, out / "ttft_vs_rate.png", title))
-        for label, result in first.items():
-            paths.append(plot_replicas_per_adapter(
-                result, label, out / f"replicas_per_adapter_{label.replace('/', '_')}.png"))
-        print("plots: " + ", ".join(str(p) for p in paths))
+        _plots(by_rate, args, f"{args.workload}, {args.replicas} replicas",
+               lambda label, result, out: plot_replicas_per_adapter(
+                   result, label, out / f"replicas_per_adapter_{label.replace('/', '_')}.png"))
     return 0
