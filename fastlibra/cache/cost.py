@@ -281,7 +281,8 @@ class CostModel:
                 math.log(node.freq) + self.half_life.rate * node.t_last + math.log(penalty))
 
     def at(self, node: Node, key: tuple[int, float], now: float) -> tuple[int, float]:
-        """`node`'s `key` as (queued demand, log of `value` at `now`)."""
+        """`node`'s `key` as (queued demand, log of `value` at `now`): what a key means.
+        Ranking needs no conversion (every node decays at one rate)."""
         return (key[0], key[1] - self.half_life.rate * now)
 
 

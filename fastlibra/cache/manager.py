@@ -129,10 +129,13 @@ class CacheManager:
             self.device_adapter_pool = BlockPool("device-adapters", Tier.DEVICE, n_adapter)
             self.device_kv_pool = BlockPool("device-kv", Tier.DEVICE, cfg.device_blocks - n_adapter)
         self.host_pool = BlockPool("host", Tier.HOST, cfg.host_blocks)
-        self.host_adapter_cap = min(cfg.host_blocks, cfg.host_adapter_blocks) \
-            if cfg.host_adapter_blocks is not None else (
-                min(cfg.host_blocks, self.device_adapter_pool.capacity)
-                if self.policy.host_adapters_as_slots else cfg.host_blocks)
+        if cfg.host_adapter_blocks is not None:  # `--max-cpu-loras`
+            cap = cfg.host_adapter_blocks
+        elif self.policy.host_adapters_as_slots:  # vLLM's default: as many as its slots
+            cap = self.device_adapter_pool.capacity
+        else:
+            cap = cfg.host_blocks
+        self.host_adapter_cap = min(cfg.host_blocks, cap)
         """Host blocks adapters may hold (vLLM's `max_cpu_loras`; else the whole host)."""
         self.blocked_on_adapter = False
         """The last `allocate` that returned None found no room for the request's adapter."""

@@ -90,6 +90,8 @@ class SwapTarget(Protocol):
 
     pools: list[BlockPool]
     device_pools: list[BlockPool]
+    host_adapter_cap: int
+    """Host blocks adapters may hold (vLLM's `max_cpu_loras`)."""
 
     def pool_for(self, node: Node, tier: Tier) -> BlockPool: ...
 
@@ -179,8 +181,10 @@ class Swapper:
             isinstance(parent, AdapterNode) and not self.policy.dependency_aware)
 
     def _at(self, node: Node, key: tuple, now: float) -> tuple:
-        """`key` comparable across kinds at `now` (LRU keys already are)."""
-        return self.cost.at(node, key, now) if self.policy.ranks_by_decay else key
+        """`key` as compared with other nodes' at `now`. Every node decays at one rate, so
+        keys compare as they are; the paper's Eval (`paper_eval.py`) weighs adapters by
+        how many are resident, which changes as they move."""
+        return key
 
     def _next_victim(self, pool: BlockPool, now: float) -> tuple[tuple, list] | None:
         """(key at `now`, heap) of the next victim of `pool`, dropping stale entries."""
