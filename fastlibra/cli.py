@@ -373,6 +373,23 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["critical", "error", "warning", "info", "debug", "trace"])
     serve.add_argument("--max-request-bytes", type=_bytes, default=8 * 2**20,
                        help="refuse request bodies above this with a 413 (default 8MiB)")
+    ray = serve.add_argument_group("scale-out on Ray Serve (with --replicas)")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="serve N engine replicas behind one ingress as a Ray Serve "
+                     "application (default: one engine in this process, no Ray)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (default: start a local one)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="Ray CPUs each replica reserves (default 1)")
+    ray.add_argument("--replica-gpus", type=float, default=None,
+                     help="Ray GPUs each replica reserves (default 1 if CUDA is here, else 0)")
+    ray.add_argument("--router", default="fastlibra",
+                     choices=["fastlibra", "least-loaded", "round-robin", "multiplex", "prefix"],
+                     help="which replica serves a request (default fastlibra: the lowest "
+                     "estimated TTFT from adapter tiers, cached prefixes and queues; "
+                     "least-loaded is Ray Serve's default)")
+    ray.add_argument("--routing-stats-period", type=float, default=2.0, metavar="S",
+                     help="seconds between replicas' residency reports (default 2)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -600,7 +617,7 @@ def _dispatch(args) -> int:
 
         from fastlibra.server import ServerConfig, run_server
         names = args.served_model_name or [None]
-        run_server(ServerConfig(
+        cfg = ServerConfig(
             Path(args.model_dir), {k: Path(v) for k, v in _named_adapters(args.lora_modules).items()},
             host=args.host, port=args.port, api_key=args.api_key,
             adapter_roots=tuple(Path(r) for r in args.adapter_root),
@@ -609,7 +626,19 @@ def _dispatch(args) -> int:
             chat_template=_chat_template(args.chat_template),
             uvicorn_log_level=args.uvicorn_log_level, metrics_compat=args.metrics_compat,
             tool_call_parser=args.tool_call_parser, max_request_bytes=args.max_request_bytes,
-            engine_args=_llm_args(args) | {"seed": args.seed}))
+            engine_args=_llm_args(args) | {"seed": args.seed})
+        if args.replicas is None:
+            run_server(cfg)
+            return 0
+        from fastlibra.server.cluster import ClusterConfig, run_cluster
+        gpus = args.replica_gpus
+        if gpus is None:
+            import torch
+            gpus = 1.0 if torch.cuda.is_available() else 0.0
+        run_cluster(ClusterConfig(cfg, replicas=args.replicas, ray_address=args.ray_address,
+                                  replica_cpus=args.replica_cpus, replica_gpus=gpus,
+                                  router=args.router,
+                                  routing_stats_period_s=args.routing_stats_period))
         return 0
     if args.command == "bench":
         module, function = _BENCHMARKS[args.bench]

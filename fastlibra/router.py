@@ -87,7 +87,7 @@ class RouteRequest:
         self.adapter = adapter or None
         self.tokens = tuple(prompt)
         self.block_size = block_size
-        self.usable_blocks = (len(self.tokens) - 1) // block_size
+        self.usable_blocks = max(0, len(self.tokens) - 1) // block_size
         """Blocks a replica can serve from cache (its last token is always computed)."""
 
     @cached_property
@@ -190,11 +190,29 @@ class Router:
         return out
 
     # -- events ---------------------------------------------------------------------------
-    def route(self, req: RouteRequest) -> int:
-        """Pick the replica for `req` and note it there."""
+    def route(self, req: RouteRequest, candidates: list[int] | None = None) -> int:
+        """Pick the replica for `req` among `candidates` (default: all) and note it there."""
         if req.request_id in self._open:
             raise ValueError(f"request {req.request_id!r} is already routed")
-        i = self.choose(req)
+        i = self.choose(req, candidates if candidates is not None else self.all_replicas)
+        self.note(i, req)
+        return i
+
+    @property
+    def all_replicas(self) -> list[int]:
+        return list(range(len(self.views)))
+
+    def add_replica(self) -> int:
+        """A new replica (Ray Serve started or restarted one): its index, with an empty
+        view, since a fresh replica's cache is empty."""
+        self.views.append(ReplicaView())
+        return len(self.views) - 1
+
+    def note(self, i: int, req: RouteRequest) -> None:
+        """`req` went to replica i (chosen here, or by whoever placed it): count its load
+        there, and expect its adapter and prompt's KV there from now on."""
+        if req.request_id in self._open:
+            raise ValueError(f"request {req.request_id!r} is already routed")
         v = self.views[i]
         queued = self.prefill_s(req, v)
         v.inflight += 1
@@ -205,17 +223,21 @@ class Router:
             v.adapters[req.adapter] = Tier.DEVICE
         v.device_prefixes.update(req.hashes)
         self._routed(i, req)
-        return i
 
     def first_token(self, request_id: str) -> None:
-        entry = self._open[request_id]
+        entry = self._open.get(request_id)
+        if entry is None:  # already finished (a first token and a finish may race)
+            return
         self.views[entry[0]].queued_prefill_s -= entry[1]
         entry[1] = 0.0
 
     def finish(self, request_id: str) -> None:
-        """The request ended (finished, failed or aborted)."""
+        """The request ended (finished, failed or aborted); unknown ids are ignored."""
         self.first_token(request_id)
-        i, _, req = self._open.pop(request_id)
+        entry = self._open.pop(request_id, None)
+        if entry is None:
+            return
+        i, _, req = entry
         self.views[i].inflight -= 1
         self.views[i].context_tokens -= len(req.tokens)
 
@@ -234,7 +256,8 @@ class Router:
                     v.adapters[req.adapter] = Tier.DEVICE
 
     # -- strategy -------------------------------------------------------------------------
-    def choose(self, req: RouteRequest) -> int:
+    def choose(self, req: RouteRequest, candidates: list[int]) -> int:
+        """The replica for `req`, one of `candidates` (a non-empty list of indices)."""
         raise NotImplementedError
 
     def _routed(self, i: int, req: RouteRequest) -> None:
@@ -255,9 +278,10 @@ class RoundRobin(Router):
         super().__init__(num_replicas, costs, seed)
         self._next = 0
 
-    def choose(self, req: RouteRequest) -> int:
-        i = self._next
-        self._next = (i + 1) % len(self.views)
+    def choose(self, req: RouteRequest, candidates: list[int]) -> int:
+        later = [i for i in candidates if i >= self._next]
+        i = min(later) if later else min(candidates)
+        self._next = i + 1
         return i
 
 
@@ -266,8 +290,8 @@ class LeastLoaded(Router):
 
     name = "least-loaded"
 
-    def choose(self, req: RouteRequest) -> int:
-        return self._two_choices(list(range(len(self.views))))
+    def choose(self, req: RouteRequest, candidates: list[int]) -> int:
+        return self._two_choices(candidates)
 
 
 class Multiplex(Router):
@@ -285,9 +309,13 @@ class Multiplex(Router):
         self.max_ongoing = max_ongoing
         self.models: list[OrderedDict[str, None]] = [OrderedDict() for _ in self.views]
 
-    def choose(self, req: RouteRequest) -> int:
-        free = [i for i, v in enumerate(self.views) if v.inflight < self.max_ongoing]
-        free = free or list(range(len(self.views)))
+    def add_replica(self) -> int:
+        self.models.append(OrderedDict())
+        return super().add_replica()
+
+    def choose(self, req: RouteRequest, candidates: list[int]) -> int:
+        free = [i for i in candidates if self.views[i].inflight < self.max_ongoing]
+        free = free or candidates
         if req.adapter is not None:
             holders = [i for i in free if req.adapter in self.models[i]]
             if holders:
@@ -324,18 +352,22 @@ class PrefixAware(Router):
         self.balance_rel = balance_rel
         self.trees: list[set[int]] = [set() for _ in self.views]
 
-    def choose(self, req: RouteRequest) -> int:
-        loads = [v.inflight for v in self.views]
-        lo, hi = min(loads), max(loads)
+    def add_replica(self) -> int:
+        self.trees.append(set())
+        return super().add_replica()
+
+    def choose(self, req: RouteRequest, candidates: list[int]) -> int:
+        loads = {i: self.views[i].inflight for i in candidates}
+        lo, hi = min(loads.values()), max(loads.values())
         if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
-            return loads.index(lo)
+            return min(candidates, key=lambda i: (loads[i], i))
         hashes = req.blind_hashes
         n = len(hashes)
-        matched = [_prefix_in(hashes, 0, n, t) for t in self.trees]
-        best = max(range(len(self.views)), key=lambda i: (matched[i], -loads[i], -i))
+        matched = {i: _prefix_in(hashes, 0, n, self.trees[i]) for i in candidates}
+        best = max(candidates, key=lambda i: (matched[i], -loads[i], -i))
         if n and matched[best] / n > self.cache_threshold:
             return best
-        return min(range(len(self.views)), key=lambda i: (len(self.trees[i]), loads[i], i))
+        return min(candidates, key=lambda i: (len(self.trees[i]), loads[i], i))
 
     def _routed(self, i: int, req: RouteRequest) -> None:
         self.trees[i].update(req.blind_hashes)
@@ -347,9 +379,9 @@ class FastLibra(Router):
 
     name = "fastlibra"
 
-    def choose(self, req: RouteRequest) -> int:
+    def choose(self, req: RouteRequest, candidates: list[int]) -> int:
         est, views = self.estimates(req), self.views
-        return min(range(len(views)), key=lambda i: (est[i], views[i].inflight, i))
+        return min(candidates, key=lambda i: (est[i], views[i].inflight, i))
 
 
 ROUTERS: dict[str, type[Router]] = {

@@ -20,6 +20,7 @@ from fastlibra.cache import Residency, Tier
 from fastlibra.cache.tree import chain_hashes, chain_root
 from fastlibra.config import ConfigError, HardwareProfile
 from fastlibra.router import (
+    ROUTERS,
     FastLibra,
     LeastLoaded,
     Multiplex,
@@ -103,9 +104,9 @@ def test_a_session_stays_with_its_kv_until_the_queue_there_outweighs_recomputing
     publish(r, 1, {"a": Tier.DEVICE})
     # on 0: 1 token (0.01); on 1: 33 tokens (0.33). Queue on 0 of 0.3 s: still 0.31 < 0.33
     r.views[0].queued_prefill_s = 0.3
-    assert r.choose(req("t1", "a", history)) == 0
+    assert r.choose(req("t1", "a", history), r.all_replicas) == 0
     r.views[0].queued_prefill_s = 0.33  # 0.34 > 0.33: load says move
-    assert r.choose(req("t2", "a", history)) == 1
+    assert r.choose(req("t2", "a", history), r.all_replicas) == 1
 
 
 def test_running_conversations_make_a_replica_slower_by_the_kv_each_step_reads():
@@ -153,8 +154,8 @@ def test_the_router_amends_its_view_as_it_routes_and_publication_replaces_it():
     assert (v.queued_prefill_s, v.inflight) == (0.0, 0)
     publish(r, 0, {"a": Tier.HOST})  # the replica evicted all of it meanwhile
     assert r.views[0].cached_blocks(req("q3", "a", prompt)) == (0, 0)
-    with pytest.raises(KeyError):
-        r.finish("q")
+    r.finish("q")  # a second end (Ray reports every call's end) changes nothing
+    assert (r.views[0].queued_prefill_s, r.views[0].inflight) == (0.0, 0)
 
 
 def test_a_request_routed_twice_is_refused():
@@ -201,7 +202,7 @@ def test_round_robin_cycles():
 def test_least_loaded_takes_the_less_loaded_of_two():
     r = LeastLoaded(2, COSTS)
     r.views[0].inflight = 3
-    assert [r.choose(req(f"q{k}", "a", (1,))) for k in range(4)] == [1, 1, 1, 1]
+    assert [r.choose(req(f"q{k}", "a", (1,)), r.all_replicas) for k in range(4)] == [1, 1, 1, 1]
 
 
 def test_multiplex_prefers_holders_then_the_replica_with_fewest_models_and_keeps_an_lru():
@@ -228,11 +229,11 @@ def test_prefix_is_adapter_blind_and_balances_when_the_load_is_skewed():
     r.trees[1].update(chain_hashes(0, prompt, 4))
     r.trees[2].update(chain_hashes(0, blocks(1, 9, 9, 9, 9), 4))
     # 4 of 4 blocks match on 1, under any adapter (what it cached was for "b")
-    assert r.choose(req("q1", "a", prompt)) == 1
+    assert r.choose(req("q1", "a", prompt), r.all_replicas) == 1
     # 1 of 4 on 2 (0.25 <= 0.5): the smallest tree, replica 0
-    assert r.choose(req("q2", "a", blocks(1, 7, 7, 7))) == 0
+    assert r.choose(req("q2", "a", blocks(1, 7, 7, 7)), r.all_replicas) == 0
     r.views[1].inflight, r.views[0].inflight = 4, 1  # 4 - 0 > 2 and 4 > 1.5 x 0: imbalanced
-    assert r.choose(req("q3", "a", prompt)) == 2
+    assert r.choose(req("q3", "a", prompt), r.all_replicas) == 2
 
 
 def test_unknown_router_and_bad_costs_are_config_errors():
@@ -242,3 +243,18 @@ def test_unknown_router_and_bad_costs_are_config_errors():
         RouteCosts(HW, 4, 0, 100)
     with pytest.raises(ConfigError, match=">= 1 replica"):
         make_router("fastlibra", 0, COSTS)
+
+
+def test_an_empty_prompt_is_routed_without_cache_lookups():
+    r = FastLibra(2, COSTS)
+    assert req("e", "a", ()).usable_blocks == 0
+    assert r.route(req("e", "a", ())) in (0, 1)
+
+
+def test_routers_choose_only_among_the_live_candidates_and_grow_with_new_replicas():
+    for name in ROUTERS:
+        r = make_router(name, 3, COSTS)
+        assert all(r.route(req(f"{name}{k}", "a", blocks(k, 1)), [0, 2]) in (0, 2)
+                   for k in range(6)), name
+        assert r.add_replica() == 3 and len(r.views) == 4
+        assert r.route(req(f"{name}-new", "a", blocks(9, 9)), [3]) == 3
