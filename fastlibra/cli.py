@@ -496,6 +496,20 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
 
+    cl = bsub.add_parser("cluster", help="the Ray Serve application on this machine: "
+                         "ingress overhead against one in-process server, then the routers "
+                         "compared on N replicas under one multi-turn multi-adapter replay")
+    _workload_args(cl)
+    cl.set_defaults(policy="fastlibra")
+    cl.add_argument("--routers", type=_routers, default=["fastlibra", "least-loaded",
+                                                       "multiplex", "prefix", "round-robin"],
+                    help="comma-separated (default all five)")
+    cl.add_argument("--replicas", type=_positive(int), default=2)
+    cl.add_argument("--routing-stats-period", type=float, default=2.0, metavar="S")
+    cl.add_argument("--overhead-requests", type=int, default=200,
+                    help="requests each way for the ingress overhead (0: skip it)")
+    cl.add_argument("--plot", metavar="PNG", default=None, help="bar plot of TTFT per router")
+
     structured = bsub.add_parser("structured", help="decode throughput of a batch under a "
                                  "JSON schema (llguidance) against the same batch unconstrained")
     structured.add_argument("--batch", type=_positive(int), default=16)
@@ -592,6 +606,7 @@ _BENCHMARKS = {
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
     "structured": ("fastlibra.bench.structured", "run_structured"),
     "routing": ("fastlibra.bench.routing", "run_routing_bench"),
+    "cluster": ("fastlibra.bench.cluster", "run_cluster_bench"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 
