@@ -390,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "least-loaded is Ray Serve's default)")
     ray.add_argument("--routing-stats-period", type=float, default=2.0, metavar="S",
                      help="seconds between replicas' residency reports (default 2)")
+    ray.add_argument("--ingress", choices=["local", "ray"], default="local",
+                     help="local: the ingress runs in this process and calls the replicas "
+                     "through a Ray Serve handle (default); ray: a Ray Serve deployment "
+                     "behind Ray's HTTP proxy (a proxy per node, restarted by Ray), one hop more")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bsub = bench.add_subparsers(dest="bench", required=True)
@@ -509,6 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--overhead-requests", type=int, default=200,
                     help="requests each way for the ingress overhead (0: skip it)")
     cl.add_argument("--plot", metavar="PNG", default=None, help="bar plot of TTFT per router")
+    cl.add_argument("--ingress", choices=["local", "ray"], default="local",
+                    help="the ingress the routers are compared behind (default local)")
 
     structured = bsub.add_parser("structured", help="decode throughput of a batch under a "
                                  "JSON schema (llguidance) against the same batch unconstrained")
@@ -653,7 +659,8 @@ def _dispatch(args) -> int:
         run_cluster(ClusterConfig(cfg, replicas=args.replicas, ray_address=args.ray_address,
                                   replica_cpus=args.replica_cpus, replica_gpus=gpus,
                                   router=args.router,
-                                  routing_stats_period_s=args.routing_stats_period))
+                                  routing_stats_period_s=args.routing_stats_period,
+                                  ingress=args.ingress))
         return 0
     if args.command == "bench":
         module, function = _BENCHMARKS[args.bench]

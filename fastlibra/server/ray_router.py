@@ -23,6 +23,7 @@ node has no locality to prefer).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import sys
@@ -88,6 +89,8 @@ class ReplicaRouter(RequestRouter):
         """(replica, Ray's internal request id) -> our request id, from placement to
         completion."""
         self.costed = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop Ray runs this router on (other threads post their notices to it)."""
         self.rng = random.Random(seed)
         # Ray ships this class by value, with a copy of this module's globals; the
         # ingress reads the real module's registry, so register there.
@@ -99,8 +102,16 @@ class ReplicaRouter(RequestRouter):
         return [r.replica_id.unique_id for r in self._replicas_list]
 
     def first_token(self, request_id: str) -> None:
-        if self.router is not None:
-            self.router.first_token(request_id)
+        """Called from the ingress's thread: the views change on the router's own loop."""
+        if self.router is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.router.first_token, request_id)
+
+    def finished(self, request_id: str) -> None:
+        """The ingress has the whole response: the request no longer loads its replica.
+        Ray's own completion callback comes later, sometimes after the next request is
+        routed; `finish` ignores the second notice."""
+        if self.router is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.router.finish, request_id)
 
     # -- Ray's calls ----------------------------------------------------------------------
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
@@ -118,6 +129,7 @@ class ReplicaRouter(RequestRouter):
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None
                               ) -> list[list[RunningReplica]]:
+        self.loop = asyncio.get_running_loop()
         route = pending_request.kwargs.get(ROUTE) if pending_request is not None else None
         if not candidate_replicas:
             return []

@@ -23,7 +23,7 @@ from fastlibra.server.cluster import (
     REPLICA,
     REPLICA_HEADER,
     ClusterConfig,
-    build_cluster_app,
+    ClusterServer,
     merge_metrics,
     start_ray,
 )
@@ -49,19 +49,44 @@ def server_cfg(tmp_path_factory) -> ServerConfig:
 
 
 @pytest.fixture(scope="module")
-def cluster(server_cfg):
-    """Two replicas, the fastlibra router, residency published every half second."""
-    cfg = ClusterConfig(server_cfg, replicas=2, replica_cpus=0.5,
-                        routing_stats_period_s=0.5, app_name=APP)
+def ray_serve(server_cfg):
+    """A local Ray cluster with Serve's proxy on a free port, for the whole module."""
+    cfg = ClusterConfig(replace(server_cfg, port=_free_port()), replicas=2, replica_cpus=0.5,
+                        routing_stats_period_s=0.5, app_name=APP, ingress="ray")
     start_ray(cfg)
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_cluster_app(cfg), name=APP, route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield cfg
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_serve):
+    """Two replicas behind the ingress in this process (the default), the fastlibra
+    router, residency published every half second."""
+    cfg = replace(ray_serve, ingress="local", server=replace(ray_serve.server,
+                                                             port=_free_port()))
+    server = ClusterServer(cfg).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def test_the_ray_ingress_serves_the_same_api_behind_rays_proxy(ray_serve):
+    cfg = replace(ray_serve, ingress="ray", app_name=f"{APP}-ray")
+    server = ClusterServer(cfg).start()
+    try:
+        c = client(server.url)
+        out = c.completions.create(model="a", prompt="w003 w004", max_tokens=3, temperature=0)
+        assert out.usage.completion_tokens == 3
+        stream = c.completions.create(model="b", prompt="w005", max_tokens=3, stream=True)
+        assert sum(1 for ch in stream if ch.choices and ch.choices[0].text) == 3
+        r = post(server.url, "/v1/load_lora_adapter", {"lora_name": "lx", "lora_path": "dyn"})
+        assert r.status_code == 200 and len(tiers(server.url)["lx"]) == 2
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
