@@ -164,7 +164,7 @@ def run_cluster_bench(args) -> int:
         cfg = ClusterConfig(replace(server_cfg, port=_free_port()), replicas=args.replicas,
                             replica_cpus=1.0, routing_stats_period_s=args.routing_stats_period,
                             app_name="bench-cluster")
-        start_ray(cfg)  # Serve's proxy on its port, used by the "ray" ingress
+        start_ray(replace(cfg, ingress="ray"))  # Serve's proxy on its port, for "ray"
         overhead = {}
         results = {}
         try:

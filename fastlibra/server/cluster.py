@@ -267,25 +267,10 @@ class Ingress:
                  "adapter": None if model in self.bases or not isinstance(model, str)
                  else model, "tokens": ()}
         try:
-            route["tokens"] = self._tokens(req)
+            route["tokens"] = prompt_tokens(req, self.tokenizer)
         except Exception:
             pass
         return route, req.get("stream") is True
-
-    def _tokens(self, req: dict) -> tuple[int, ...]:
-        tok = self.tokenizer
-        if "messages" in req:
-            text = tok.apply_chat_template(req["messages"], tools=req.get("tools"),
-                                           add_generation_prompt=True, tokenize=False)
-            return tuple(tok.encode(text))
-        prompt = req.get("prompt")
-        if isinstance(prompt, list) and prompt:
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            return tuple(tok.encode(prompt))
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return tuple(prompt)
-        return ()
 
     # -- calls to replicas ---------------------------------------------------------------
     async def replica_ids(self) -> list[str]:
@@ -440,6 +425,23 @@ class Ingress:
             yield f"data: {json.dumps(_unavailable(e))}\n\ndata: [DONE]\n\n".encode()
         finally:
             _router_note("finished", route)
+
+
+def prompt_tokens(req: dict, tokenizer) -> tuple[int, ...]:
+    """The token ids a replica will see for a completion or chat body (the first prompt
+    of several), as the router hashes them; () when they cannot be told here."""
+    if "messages" in req:
+        text = tokenizer.apply_chat_template(req["messages"], tools=req.get("tools"),
+                                             add_generation_prompt=True, tokenize=False)
+        return tuple(tokenizer.encode(text))
+    prompt = req.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]  # several prompts: the first one's
+    if isinstance(prompt, str):
+        return tuple(tokenizer.encode(prompt))
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return tuple(prompt)
+    return ()
 
 
 def _router_note(event: str, route: dict | None) -> None:

@@ -152,6 +152,13 @@ class ReplicaRouter(RequestRouter):
             log.exception("router %s failed; placing the request at random", self.policy)
             return [self.rng.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         self.pending[pending_request.metadata.internal_request_id] = req
+        if log.isEnabledFor(logging.DEBUG):
+            est = self.router.estimates(req)
+            log.debug("route %s adapter %s, %d tokens: %s -> %s", req.request_id, req.adapter,
+                      len(req.tokens), ", ".join(
+                          f"{r.replica_id.unique_id} {1e3 * est[self.index[r.replica_id]]:.2f} ms"
+                          f" {self.router.views[self.index[r.replica_id]].cached_blocks(req)}"
+                          for r in known), i)
         best = [r for r in known if self.index[r.replica_id] == i]
         return [best, [r for r in candidate_replicas if r not in best]]
 

@@ -25,6 +25,7 @@ from fastlibra.server.cluster import (
     ClusterConfig,
     ClusterServer,
     merge_metrics,
+    prompt_tokens,
     start_ray,
 )
 
@@ -270,6 +271,17 @@ def test_merged_metrics_label_each_replica_and_stay_valid_prometheus():
               if s.name == "x_total"}
     assert counts == {"r1": 3.0, "r2": 4.0}
     assert {s.labels["replica"] for s in families["g"].samples} == {"r1", "r2"}
+
+
+def test_the_ingress_routes_by_the_tokens_the_replica_will_see(single):
+    tok, llm = single.llm.tokenizer, single.llm
+    assert prompt_tokens({"prompt": [5, 6, 7]}, tok) == (5, 6, 7)
+    assert prompt_tokens({"prompt": [[5, 6], [7]]}, tok) == (5, 6)
+    assert prompt_tokens({"prompt": "w003 w004"}, tok) == tuple(llm.encode("w003 w004"))
+    assert prompt_tokens({"prompt": ["w005", "w006"]}, tok) == tuple(llm.encode("w005"))
+    chat = [{"role": "user", "content": "w007"}]
+    assert prompt_tokens({"messages": chat}, tok) == tuple(llm.encode(llm.render_chat(chat)))
+    assert prompt_tokens({"prompt": {"odd": 1}}, tok) == ()
 
 
 def test_a_cluster_config_refuses_what_cannot_run(server_cfg):
