@@ -169,8 +169,9 @@ def run_cluster_bench(args) -> int:
         results = {}
         try:
             for ingress in ("ray", "local") if args.overhead_requests else ():
-                one = replace(cfg, replicas=1, ingress=ingress, server=replace(
-                    cfg.server, port=cfg.server.port if ingress == "ray" else _free_port()))
+                port = cfg.server.port if ingress == "ray" else _free_port()
+                one = replace(cfg, replicas=1, ingress=ingress, app_name=f"overhead-{ingress}",
+                              server=replace(cfg.server, port=port))
                 server = ClusterServer(one).start()
                 try:
                     _status(f"{ingress} ingress overhead: {args.overhead_requests} requests "
@@ -185,7 +186,10 @@ def run_cluster_bench(args) -> int:
             for router in args.routers:
                 _status(f"router {router}: {args.replicas} replicas ({args.ingress} ingress), "
                         f"replay of {args.duration:.0f} s at {args.rate}/s")
+                # an application of its own: Ray keeps one router per deployment handle
+                # in this process, and a redeployed app of the same name would reuse it
                 results[router] = run_router(replace(cfg, router=router, ingress=args.ingress,
+                                                     app_name=f"bench-{router}",
                                                      server=replace(cfg.server, port=(
                                                          cfg.server.port
                                                          if args.ingress == "ray"

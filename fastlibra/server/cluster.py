@@ -1,11 +1,13 @@
 """`fastlibra serve --replicas N`: N engines as one Ray Serve application.
 
-    client ─► Ray Serve proxy ─► Ingress (FastAPI)            ─► EngineReplica × N
-                                   API key, body limit            AsyncLLM + build_app:
-                                   route info: adapter, tokens    the single server's
-                                   load/unload, /metrics: to all  routes and errors
-                                   everything else: to one,
-                                   chosen by ReplicaRouter  ◄──── record_routing_stats
+    client ─► Ingress (FastAPI: in this process,  ─► EngineReplica × N (Ray Serve)
+              or a Ray Serve deployment behind        AsyncLLM + build_app:
+              Ray's proxy with --ingress ray)         the single server's routes
+                API key, body limit                   and errors
+                route info: adapter, prompt tokens
+                load/unload, /metrics: to all
+                everything else: to one, chosen by
+                ReplicaRouter  ◄─────────────────────── record_routing_stats
 
 Every replica runs the single server's app (`build_app`) in its own process, so routes,
 streaming and errors are the same code; the ingress forwards each HTTP request to one

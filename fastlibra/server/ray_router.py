@@ -27,6 +27,7 @@ import asyncio
 import logging
 import random
 import sys
+from collections import OrderedDict
 from dataclasses import fields
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -36,6 +37,7 @@ from fastlibra.config import HardwareProfile
 from fastlibra.router import ROUTERS, RouteCosts, Router, RouteRequest, make_router
 
 log = logging.getLogger("fastlibra.cluster")
+PENDING_CAP = 10_000
 ROUTE = "route"
 """The handle-call keyword that carries what a router needs of a request."""
 
@@ -83,8 +85,9 @@ class ReplicaRouter(RequestRouter):
         """Each replica's view in `router`; a restarted replica is a new id, a new view."""
         self.stamps: dict[ReplicaID, int] = {}
         """The last routing stats read from each replica."""
-        self.pending: dict[str, RouteRequest] = {}
-        """Ray's internal request id -> the request, from choice to placement."""
+        self.pending: OrderedDict[str, RouteRequest] = OrderedDict()
+        """Ray's internal request id -> the request, from choice to placement (the oldest
+        dropped past PENDING_CAP: a request cancelled before placement never comes back)."""
         self.placed: dict[tuple[ReplicaID, str], str] = {}
         """(replica, Ray's internal request id) -> our request id, from placement to
         completion."""
@@ -152,6 +155,8 @@ class ReplicaRouter(RequestRouter):
             log.exception("router %s failed; placing the request at random", self.policy)
             return [self.rng.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         self.pending[pending_request.metadata.internal_request_id] = req
+        if len(self.pending) > PENDING_CAP:
+            self.pending.popitem(last=False)
         if log.isEnabledFor(logging.DEBUG):
             est = self.router.estimates(req)
             log.debug("route %s adapter %s, %d tokens: %s -> %s", req.request_id, req.adapter,
