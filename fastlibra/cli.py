@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--quick-profile", action="store_true",
                      help="fewer profile points (tests)")
 
-    cl = bsub.add_parser("cluster", help="the Ray Serve application on this machine: "
+    cl = bsub.add_parser("replicas", help="the Ray Serve application on this machine: "
                          "ingress overhead against one in-process server, then the routers "
                          "compared on N replicas under one multi-turn multi-adapter replay")
     _workload_args(cl)
@@ -612,7 +612,7 @@ _BENCHMARKS = {
     "serve": ("fastlibra.bench.serve", "run_serve_bench"),
     "structured": ("fastlibra.bench.structured", "run_structured"),
     "routing": ("fastlibra.bench.routing", "run_routing_bench"),
-    "cluster": ("fastlibra.bench.cluster", "run_cluster_bench"),
+    "replicas": ("fastlibra.bench.replicas", "run_replicas_bench"),
 }
 """`fastlibra bench NAME` -> (module, function), imported only when run."""
 

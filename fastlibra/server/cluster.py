@@ -58,6 +58,8 @@ REPLICA = "EngineReplica"
 UNAUTHENTICATED = ("/health", "/metrics", "/version")
 REPLICA_HEADER = "x-fastlibra-replica"
 """Names the replica that answered (its Ray Serve replica id)."""
+JSON = [(b"content-type", b"application/json")]
+"""The headers of the ingress's own calls to replicas."""
 BROADCAST = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
@@ -80,7 +82,7 @@ class ClusterConfig:
     """"local": the ingress runs in this process on uvicorn and calls the replicas
     through a Ray Serve deployment handle; "ray": it is a Ray Serve deployment behind
     Ray's HTTP proxy (restarted by Ray, a proxy per node), one hop more: about 8 ms more
-    per request on the dev box (bench cluster measures both)."""
+    per request on the dev box (bench replicas measures both)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -299,7 +301,7 @@ class Ingress:
         gen = self.streams.http.remote(method, path, query, headers, body, route=route)
         return await gen.__anext__(), gen
 
-    async def on_each(self, method: str, path: str, headers: list, body: bytes
+    async def on_each(self, method: str, path: str, body: bytes = b""
                       ) -> dict[str, tuple[int, list, bytes]]:
         """The same request on every live replica: replica id -> (status, headers, body).
         One after another: calls made while serving one request share Ray's internal
@@ -307,34 +309,35 @@ class Ingress:
         out = {}
         for r in await self.replica_ids():
             try:
-                out[r] = await self.on_one(r, method, path, headers, body)
+                out[r] = await self.on_one(r, method, path, body)
             except Exception as e:  # that replica died meanwhile
                 out[r] = (503, [], json.dumps(_unavailable(e)).encode())
         return out
 
-    async def on_one(self, replica: str, method: str, path: str, headers: list,
-                     body: bytes) -> tuple[int, list, bytes]:
+    async def on_one(self, replica: str, method: str, path: str, body: bytes
+                     ) -> tuple[int, list, bytes]:
+        """A request of the ingress's own (a JSON body or none) on one replica."""
         route = {"id": f"to-{replica}-{next(self.ids)}", "target": replica}
-        return await self.whole(method, path, b"", headers, body, route)
+        return await self.whole(method, path, b"", JSON, body, route)
 
-    async def load_everywhere(self, name: str, path: str, headers: list) -> Response:
+    async def load_everywhere(self, name: str, path: str) -> Response:
         """Load on every replica, or on none: a replica's refusal unloads it from the
         others and is the answer."""
         body = json.dumps({"lora_name": name, "lora_path": path}).encode()
-        results = await self.on_each("POST", "/v1/load_lora_adapter", headers, body)
+        results = await self.on_each("POST", "/v1/load_lora_adapter", body)
         failed = [res for res in results.values() if res[0] != 200]
         if failed:
             ok = [r for r, res in results.items() if res[0] == 200]
             undo = json.dumps({"lora_name": name}).encode()
             for r in ok:
                 with contextlib.suppress(Exception):
-                    await self.on_one(r, "POST", "/v1/unload_lora_adapter", headers, undo)
+                    await self.on_one(r, "POST", "/v1/unload_lora_adapter", undo)
             return _response(*failed[0])
         await self.book.add.remote(name, path)
         self.known.add(name)
         return _response(*next(iter(results.values())))
 
-    async def resolve(self, model: str, headers: list) -> None:
+    async def resolve(self, model: str) -> None:
         """vLLM's filesystem resolver: an unknown adapter name found under an adapter
         root is loaded everywhere before its request is routed."""
         if model in self.known or model in self.bases or not self.server.adapter_roots:
@@ -343,7 +346,7 @@ class Ingress:
             check_name(model, self.server)
         except ValueError:
             return
-        await self.load_everywhere(model, model, headers)
+        await self.load_everywhere(model, model)
 
     # -- the app -------------------------------------------------------------------------
     def asgi(self) -> FastAPI:
@@ -364,7 +367,7 @@ class Ingress:
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics(request: Request):
-            results = await self.on_each("GET", "/metrics", [], b"")
+            results = await self.on_each("GET", "/metrics")
             return Response(merge_metrics({r: res[2].decode() for r, res in results.items()
                                            if res[0] == 200}), media_type=CONTENT_TYPE_LATEST)
 
@@ -379,7 +382,7 @@ class Ingress:
                 return await self.broadcast(path, headers, body)
             route, streaming = self.route_info(path, body)
             if route is not None and route["adapter"] is not None:
-                await self.resolve(route["adapter"], headers)
+                await self.resolve(route["adapter"])
             query = request.url.query.encode()
             try:
                 if not streaming:
@@ -401,7 +404,7 @@ class Ingress:
                 name, lora_path = req["lora_name"], req["lora_path"]
             except Exception:  # malformed: one replica gives the single server's error
                 return _response(*await self.whole("POST", path, b"", headers, body, None))
-            return await self.load_everywhere(name, lora_path, headers)
+            return await self.load_everywhere(name, lora_path)
         try:
             name = json.loads(body).get("lora_name")
         except Exception:
@@ -409,7 +412,7 @@ class Ingress:
         if isinstance(name, str):  # first, so no replica reloads it from the book
             await self.book.remove.remote(name)
             self.known.discard(name)
-        results = await self.on_each("POST", path, headers, body)
+        results = await self.on_each("POST", path, body)
         ok = [res for res in results.values() if res[0] == 200]
         return _response(*(ok or list(results.values()))[0])
 

@@ -1,4 +1,4 @@
-"""`fastlibra bench cluster`: the Ray Serve application on this machine, measured.
+"""`fastlibra bench replicas`: the Ray Serve application on this machine, measured.
 
     1. ingress overhead   one replica behind the ingress against one in-process server
                           (the same model and budget), sequential tiny completions,
@@ -37,7 +37,7 @@ OVERHEAD_TARGET_MS = 5.0
 
 
 def _status(msg: str) -> None:
-    print(f"[bench cluster] {msg}", file=sys.stderr, flush=True)
+    print(f"[bench replicas] {msg}", file=sys.stderr, flush=True)
 
 
 def _free_port() -> int:
@@ -149,13 +149,13 @@ def plot(results: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def run_cluster_bench(args) -> int:
+def run_replicas_bench(args) -> int:
     import ray
     from ray import serve
 
     from fastlibra.server.cluster import ClusterConfig, ClusterServer, start_ray
 
-    with tempfile.TemporaryDirectory(prefix="fastlibra-bench-cluster-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fastlibra-bench-replicas-") as tmp:
         base, adapters = build_assets(Path(tmp), args)
         device, host = default_budget(args, adapters)
         server_cfg = _server_cfg(base, adapters, args, device, host)
@@ -163,7 +163,7 @@ def run_cluster_bench(args) -> int:
                 f"{device / 2**20:.2f} MiB, host {host / 2**20:.2f} MiB")
         cfg = ClusterConfig(replace(server_cfg, port=_free_port()), replicas=args.replicas,
                             replica_cpus=1.0, routing_stats_period_s=args.routing_stats_period,
-                            app_name="bench-cluster")
+                            app_name="bench-replicas")
         start_ray(replace(cfg, ingress="ray"))  # Serve's proxy on its port, for "ray"
         overhead = {}
         results = {}
