@@ -81,7 +81,7 @@ class ClusterConfig:
     ingress: str = "local"
     """"local": the ingress runs in this process on uvicorn and calls the replicas
     through a Ray Serve deployment handle; "ray": it is a Ray Serve deployment behind
-    Ray's HTTP proxy (restarted by Ray, a proxy per node), one hop more: about 8 ms more
+    Ray's HTTP proxy (restarted by Ray, a proxy per node), one hop more: about 7 ms more
     per request on the dev box (bench replicas measures both)."""
 
     def __post_init__(self) -> None:
