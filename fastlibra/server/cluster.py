@@ -58,6 +58,8 @@ REPLICA = "EngineReplica"
 UNAUTHENTICATED = ("/health", "/metrics", "/version")
 REPLICA_HEADER = "x-fastlibra-replica"
 """Names the replica that answered (its Ray Serve replica id)."""
+RESOLVE_RETRY_S = 10.0
+"""A name the resolver did not find under the roots is not looked up again for this long."""
 JSON = [(b"content-type", b"application/json")]
 """The headers of the ingress's own calls to replicas."""
 BROADCAST = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
@@ -249,6 +251,8 @@ class Ingress:
             tok.chat_template = self.server.chat_template
         self.tokenizer = tok
         self.ids = itertools.count()
+        self.unresolved: dict[str, float] = {}
+        """Names the resolver did not find -> when it may look again."""
         self.bases = {self.server.model_name, str(self.server.model_dir),
                       *self.server.model_aliases}
 
@@ -346,7 +350,12 @@ class Ingress:
             check_name(model, self.server)
         except ValueError:
             return
-        await self.load_everywhere(model, model)
+        if time.monotonic() < self.unresolved.get(model, 0.0):
+            return  # not found a moment ago: no fan-out per request for a bad name
+        if (await self.load_everywhere(model, model)).status_code != 200:
+            if len(self.unresolved) > 10_000:
+                self.unresolved.clear()
+            self.unresolved[model] = time.monotonic() + RESOLVE_RETRY_S
 
     # -- the app -------------------------------------------------------------------------
     def asgi(self) -> FastAPI:

@@ -203,8 +203,9 @@ def test_the_resolver_loads_a_named_adapter_from_the_root_everywhere(cluster):
     out = client(cluster).completions.create(model="dyn", prompt="w003", max_tokens=2)
     assert out.choices[0].text
     assert len(tiers(cluster)["dyn"]) == 2
-    with pytest.raises(openai.NotFoundError):  # a symlink out of the root stays out
-        client(cluster).completions.create(model="escape", prompt="w003", max_tokens=2)
+    for _ in range(3):  # a symlink out of the root stays out, asked again or not
+        with pytest.raises(openai.NotFoundError):
+            client(cluster).completions.create(model="escape", prompt="w003", max_tokens=2)
     assert "escape" not in tiers(cluster)
 
 
