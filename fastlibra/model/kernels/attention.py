@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from fastlibra.model.kernels import INTERPRETED
+from fastlibra.model.kernels.dot import dot
 
 
 @triton.jit
@@ -63,8 +64,6 @@ def _paged_attention_kernel(
     row = (q_start + tok).to(tl.int64)
     q = tl.load(q_ptr + row[:, None] * s_qt + head[:, None] * s_qh + d[None, :] * s_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     q_pos = prefix + tok
 
     hi = tl.minimum(prefix + q0 + BLOCK_Q, ctx)  # keys past the tile's last query: none
@@ -84,12 +83,7 @@ def _paged_attention_kernel(
         kv_ok = n_ok[None, :] & d_ok[:, None]
         k = tl.load(k_ptr + blk[None, :] * s_kb + slot[None, :] * s_ks + g * s_kh
                     + d[:, None] * s_kd, mask=kv_ok, other=0.0)  # [HD_P, BLOCK_N]
-        if UPCAST:
-            k = k.to(tl.float32)
-        if IEEE:
-            s = tl.dot(q, k, input_precision="ieee")
-        else:
-            s = tl.dot(q, k)
+        s = dot(q, k, IEEE, UPCAST)
         allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None]) \
             & ((window <= 0) | (n[None, :] > q_pos[:, None] - window))
         s = tl.where(allowed, s * scale, float("-inf"))
@@ -100,12 +94,7 @@ def _paged_attention_kernel(
         # V is masked too: a slot past the context may hold anything, NaN included.
         v = tl.load(v_ptr + blk[:, None] * s_vb + slot[:, None] * s_vs + g * s_vh
                     + d[None, :] * s_vd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE, UPCAST)
         m_i = m_new
     if SPLIT > 1:
         ml = ml_ptr + part * s_ms + row * s_mt + head * 2

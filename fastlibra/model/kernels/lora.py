@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from fastlibra.model.kernels import INTERPRETED
+from fastlibra.model.kernels.dot import dot
 
 BLOCK_T = 16
 """Rows per program: the smallest tensor-core tile (a decode segment of one row pads to it)."""
@@ -71,14 +72,7 @@ def _shrink_kernel(x_ptr, w_ptr, xa_ptr, a_off_ptr, ranks_ptr, scaling_ptr, seg_
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         a = tl.load(w_ptr + a_off[None, :] + k[:, None],
                     mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_K, BLOCK_R]
-        x = x.to(a.dtype)
-        if UPCAST:
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(x, a, input_precision="ieee")
-        else:
-            acc += tl.dot(x, a)
+        acc += dot(x.to(a.dtype), a, IEEE, UPCAST)
     acc *= tl.load(scaling_ptr + slot)
     tl.store(xa_ptr + split * s_as + rows[:, None] * s_at + r[None, :] * s_ar, acc,
              mask=row_ok[:, None] & r_ok[None, :])
@@ -115,14 +109,7 @@ def _expand_kernel(xa_ptr, w_ptr, y_ptr, b_off_ptr, ranks_ptr, seg_slot_ptr, seg
         b_off = tl.load(b_off_ptr + slot * s_os + r * s_or, mask=r_ok, other=0)
         b = tl.load(w_ptr + b_off[:, None] + n[None, :],
                     mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
-        xa = xa.to(b.dtype)
-        if UPCAST:
-            xa = xa.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(xa, b, input_precision="ieee")
-        else:
-            acc += tl.dot(xa, b)
+        acc += dot(xa.to(b.dtype), b, IEEE, UPCAST)
     y_ptrs = y_ptr + rows[:, None] * s_yt + n[None, :] * s_yn
     mask = row_ok[:, None] & n_ok[None, :]
     y = tl.load(y_ptrs, mask=mask, other=0.0)
