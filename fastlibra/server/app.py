@@ -137,6 +137,14 @@ def check_name(name: str, cfg: ServerConfig) -> None:
         raise ValueError(f"adapter name {name!r} is the served model's name or path")
 
 
+def check_api_key(api_key: str | None, authorization: str) -> None:
+    """A 401 unless the Authorization header is `Bearer <api_key>` (no key: all pass)."""
+    if api_key is not None and not hmac.compare_digest(authorization.encode(),
+                                                       f"Bearer {api_key}".encode()):
+        raise P.ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                         type="authentication_error", code="invalid_api_key")
+
+
 # -- errors ----------------------------------------------------------------------------
 def _error(status: int, message: str, param: str | None = None,
            type: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
@@ -242,12 +250,7 @@ def build_app(engine: AsyncLLM, cfg: ServerConfig) -> FastAPI:
                       type="internal_error")
 
     async def check_key(request: Request) -> None:
-        if cfg.api_key is None:
-            return
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {cfg.api_key}".encode()):
-            raise P.ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                             type="authentication_error", code="invalid_api_key")
+        check_api_key(cfg.api_key, request.headers.get("authorization", ""))
 
     auth = [Depends(check_key)]
     tool_parser = cfg.tool_call_parser or PARSER_OF_MODEL.get(llm.model_config.arch, "hermes")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import json
 import logging
@@ -48,6 +47,7 @@ from fastlibra.server.app import (
     ServerConfig,
     _BodyLimit,
     build_app,
+    check_api_key,
     check_name,
     resolve_adapter_path,
 )
@@ -365,14 +365,13 @@ class Ingress:
         key = self.server.api_key
 
         def refused(request: Request) -> Response | None:
-            if key is None or request.url.path in UNAUTHENTICATED:
+            if request.url.path in UNAUTHENTICATED:
                 return None
-            got = request.headers.get("authorization", "")
-            if hmac.compare_digest(got.encode(), f"Bearer {key}".encode()):
-                return None
-            err = P.ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                             type="authentication_error", code="invalid_api_key")
-            return JSONResponse(err.body(), status_code=401)
+            try:
+                check_api_key(key, request.headers.get("authorization", ""))
+            except P.ApiError as e:
+                return JSONResponse(e.body(), status_code=e.status)
+            return None
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics(request: Request):
